@@ -1,9 +1,13 @@
 """Session-wide test fixtures: the photo corpus and the real services the suite runs on."""
 
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from gallery.embedded import EmbeddedRedis, EmbeddedS3
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +26,31 @@ def corpus_dir() -> Path:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
+    """Hand over a SeaweedFS S3 server with a generated key pair, running for the session.
+
+    Its `endpoint_url`, `access_key` and `secret_key` configure a client, and `client()`
+    makes one.
+    """
+    server = EmbeddedS3(
+        tmp_path_factory.mktemp("s3"),
+        access_key=secrets.token_hex(10).upper(),
+        secret_key=secrets.token_urlsafe(30),
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Hand over `REDIS_URL` when set, otherwise the URL of a Valkey server for the session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
