@@ -2,12 +2,21 @@
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from redis.asyncio import Redis
 
+from gallery.app import create_app
 from gallery.embedded import EmbeddedRedis, EmbeddedS3
+from gallery.settings import Settings
+from gallery.storage import Storage
+from tests.support import TEST_MAX_UPLOAD_BYTES, TEST_PASSWORD, UserClient
+from worker.settings import make_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +63,83 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def settings(s3_server: EmbeddedS3, redis_url: str) -> Settings:
+    """Hand over settings for the app and worker on the session's S3 and Redis servers."""
+    return Settings(
+        redis_url=redis_url,
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_bucket=f"test-{secrets.token_hex(4)}",
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        secret_key=secrets.token_urlsafe(32),
+        max_upload_bytes=TEST_MAX_UPLOAD_BYTES,
+    ).validated()
+
+
+@pytest.fixture(scope="session")
+async def store(settings: Settings) -> AsyncIterator[Storage]:
+    """Hand over the storage module's client on the session's bucket, created on first use."""
+    async with Storage.open(settings) as store:
+        await store.ensure_bucket([settings.app_url])
+        yield store
+
+
+@pytest.fixture(scope="session")
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def app(settings: Settings, store: Storage) -> Litestar:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def make_client(
+    settings: Settings, store: Storage
+) -> AsyncIterator[Callable[..., Awaitable[UserClient]]]:
+    """Hand over a factory of test clients, each signed up as a new user.
+
+    Each client gets its own app: a test client runs the app on its own event loop, and
+    the session store's Redis client belongs to the loop it first ran on.
+    """
+    async with AsyncExitStack() as stack:
+
+        async def make(username: str | None = None) -> UserClient:
+            client = await stack.enter_async_context(AsyncTestClient(create_app(settings)))
+            username = username or f"user{secrets.token_hex(4)}"
+            await client.get("/signup")
+            response = await client.post(
+                "/signup",
+                data={"username": username, "password": TEST_PASSWORD},
+                headers={"x-csrftoken": client.cookies["csrftoken"]},
+            )
+            assert response.status_code == 200, response.text
+            return UserClient(client, username)
+
+        yield make
+
+
+@pytest.fixture
+async def client(make_client: Callable[..., Awaitable[UserClient]]) -> UserClient:
+    """Hand over a test client signed in as a new user."""
+    return await make_client()
+
+
+@pytest.fixture
+def run_worker(settings: Settings) -> Callable[[], Awaitable[None]]:
+    """Hand over a function that runs a real arq worker until the queue is empty."""
+
+    async def run() -> None:
+        worker = make_worker(settings, burst=True, poll_delay=0.05, handle_signals=False)
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+
+    return run

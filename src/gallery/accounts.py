@@ -1,0 +1,165 @@
+"""Accounts: users stored in Redis, argon2id password hashes, and sign-up, sign-in, sign-out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from litestar import Request, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers import BaseRouteHandler
+from litestar.params import Body
+from litestar.response import Redirect, Template
+from redis.asyncio import Redis
+
+from gallery.index import PREFIX
+
+logger = logging.getLogger(__name__)
+
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{3,32}")
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 256
+
+_hasher = PasswordHasher()
+# Verified against when a username is unknown, so both cases cost one argon2 hash.
+_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+
+
+class AccountError(ValueError):
+    """A sign-up or sign-in that cannot go ahead; the message is shown to the user."""
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    username: str
+
+
+def _user_key(user_id: str) -> str:
+    return f"{PREFIX}:user:{user_id}"
+
+
+def _username_key(username: str) -> str:
+    return f"{PREFIX}:username:{username.lower()}"
+
+
+def check_new_credentials(username: str, password: str) -> None:
+    """Raise AccountError when a username or password may not be used for a new account."""
+    if not USERNAME_PATTERN.fullmatch(username):
+        raise AccountError(
+            "Choose a username of 3 to 32 letters, digits, dots, dashes or underscores."
+        )
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise AccountError(
+            f"Choose a password of {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters."
+        )
+
+
+async def create_user(redis: NamedDependency[Redis], username: str, password: str) -> User:
+    """Store a new user with an argon2id hash of the password."""
+    check_new_credentials(username, password)
+    user = User(id=secrets.token_hex(8), username=username)
+    password_hash = await asyncio.to_thread(_hasher.hash, password)
+    # SET NX claims the username atomically, so two sign-ups cannot both take it.
+    if not await redis.set(_username_key(username), user.id, nx=True):
+        raise AccountError("That username is taken. Choose another one.")
+    await redis.hset(
+        _user_key(user.id),
+        mapping={"username": username, "password_hash": password_hash, "created_at": time.time()},
+    )
+    logger.info("created user %s", user.id)
+    return user
+
+
+async def authenticate(redis: NamedDependency[Redis], username: str, password: str) -> User | None:
+    """Return the user when the password matches, otherwise None."""
+    user_id = await redis.get(_username_key(username)) if username else None
+    stored = await redis.hget(_user_key(user_id.decode()), "password_hash") if user_id else None
+    password_hash = stored.decode() if stored else _DUMMY_HASH
+    try:
+        await asyncio.to_thread(_hasher.verify, password_hash, password[:MAX_PASSWORD_LENGTH])
+    except (VerificationError, InvalidHashError):
+        return None
+    if not user_id:
+        return None
+    name = await redis.hget(_user_key(user_id.decode()), "username")
+    return User(id=user_id.decode(), username=name.decode())
+
+
+def current_user(request: Request[Any, Any, Any]) -> User | None:
+    session = request.session
+    if not session or "user_id" not in session:
+        return None
+    return User(id=session["user_id"], username=session["username"])
+
+
+def require_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: let only signed-in users through."""
+    if not connection.session or "user_id" not in connection.session:
+        raise NotAuthorizedException("Sign in to continue.")
+
+
+def _start_session(request: Request[Any, Any, Any], user: User) -> None:
+    # A new session id at sign-in, so an id planted before it cannot ride the new session.
+    request.state.rotate_session = True
+    request.set_session({"user_id": user.id, "username": user.username})
+
+
+Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+
+
+@get("/signup", name="accounts:signup-page")
+async def show_signup() -> Template:
+    return Template("signup.html", context={"error": None, "username": ""})
+
+
+@post("/signup", name="accounts:signup")
+async def sign_up(
+    request: Request[Any, Any, Any], data: Form, redis: NamedDependency[Redis]
+) -> Template | Redirect:
+    username = data.get("username", "").strip()
+    try:
+        user = await create_user(redis, username, data.get("password", ""))
+    except AccountError as error:
+        context = {"error": str(error), "username": username}
+        return Template("signup.html", context=context, status_code=400)
+    _start_session(request, user)
+    return Redirect(request.app.route_reverse("images:gallery"))
+
+
+@get("/signin", name="accounts:signin-page")
+async def show_signin() -> Template:
+    return Template("signin.html", context={"error": None, "username": ""})
+
+
+@post("/signin", name="accounts:signin")
+async def sign_in(
+    request: Request[Any, Any, Any], data: Form, redis: NamedDependency[Redis]
+) -> Template | Redirect:
+    username = data.get("username", "").strip()
+    user = await authenticate(redis, username, data.get("password", ""))
+    if user is None:
+        logger.warning("failed sign-in for username %r", username[:64])
+        context = {"error": "Wrong username or password.", "username": username}
+        return Template("signin.html", context=context, status_code=400)
+    _start_session(request, user)
+    return Redirect(request.app.route_reverse("images:gallery"))
+
+
+@post("/signout", name="accounts:signout")
+async def sign_out(request: Request[Any, Any, Any]) -> Redirect:
+    request.clear_session()
+    return Redirect(request.app.route_reverse("accounts:signin-page"))
+
+
+router = Router(path="/", route_handlers=[show_signup, sign_up, show_signin, sign_in, sign_out])

@@ -1,0 +1,89 @@
+"""The `gallery` command: serve the web app, run a worker, or run everything for development."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from gallery.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.group()
+def main() -> None:
+    """Run the gallery: a self-hosted, multi-user private image gallery."""
+    _configure_logging()
+
+
+@main.command()
+def serve() -> None:
+    """Serve the web app on GALLERY_HOST:GALLERY_PORT with the configured S3 and Redis."""
+    import uvicorn
+
+    from gallery.app import create_app
+
+    settings = _require_services(_load_settings())
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@main.command()
+def worker() -> None:
+    """Run one arq worker: it verifies uploads, makes thumbnails and purges abandoned uploads."""
+    from worker.settings import make_worker
+
+    settings = _require_services(_load_settings())
+    make_worker(settings).run()
+
+
+@main.command("init-bucket")
+def init_bucket() -> None:
+    """Create the bucket if it is missing and set its CORS rules for the app's origin."""
+    from gallery.storage import Storage
+
+    settings = _require_services(_load_settings())
+
+    async def run() -> None:
+        async with Storage.open(settings) as store:
+            await store.ensure_bucket([settings.app_url])
+
+    asyncio.run(run())
+    click.echo(f"bucket {settings.s3_bucket} is ready for uploads from {settings.app_url}")
+
+
+@main.command()
+def dev() -> None:
+    """Run everything on this machine: S3, Redis, the web app and one worker (Ctrl-C stops)."""
+    from gallery.dev import run_dev
+
+    try:
+        run_dev(_load_settings())
+    except SettingsError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _require_services(settings: Settings) -> Settings:
+    try:
+        return settings.require_services()
+    except SettingsError as error:
+        raise click.ClickException(f"{error}; see .env.example, or run `gallery dev`") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The gallery pages: the grid, upload forms, tiles that follow their job, and delete."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+from litestar import Request, Response, Router, delete, get, post
+from litestar.di import NamedDependency
+from litestar.exceptions import NotFoundException
+from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
+from litestar.response import Redirect, Template
+from litestar.status_codes import HTTP_200_OK, HTTP_400_BAD_REQUEST
+
+from gallery import index, jobs, storage
+from gallery.accounts import current_user, require_user
+from gallery.index import State, Upload
+from gallery.settings import Settings
+from gallery.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+MAX_FILENAME_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Tile:
+    """An upload as the grid shows it, with its thumbnail URL once it is ready."""
+
+    upload: Upload
+    thumbnail_url: str | None
+
+
+@dataclass
+class UploadRequest:
+    filename: str
+    content_type: str
+    size: int
+
+
+async def make_tiles(uploads: list[Upload], store: Storage) -> list[Tile]:
+    tiles = []
+    for upload in uploads:
+        url = None
+        if upload.state == State.READY:
+            key = storage.thumbnail_key(upload.user_id, upload.id)
+            url = await store.presign_get(key, content_type="image/webp")
+        tiles.append(Tile(upload, url))
+    return tiles
+
+
+def _user_id(request: Request[Any, Any, Any]) -> str:
+    user = current_user(request)
+    assert user is not None, "the require_user guard lets only signed-in users through"
+    return user.id
+
+
+@get("/", name="images:home")
+async def show_home(request: Request[Any, Any, Any]) -> Redirect:
+    if current_user(request) is None:
+        return Redirect(request.app.route_reverse("accounts:signin-page"))
+    return Redirect(request.app.route_reverse("images:gallery"))
+
+
+@get("/images", name="images:gallery")
+async def list_images(
+    request: HTMXRequest,
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+    settings: NamedDependency[Settings],
+    before: FromQuery[str | None] = None,
+) -> Template:
+    """Render the gallery page, or with `before` and HX-Request only the next page of tiles."""
+    user_id = _user_id(request)
+    uploads, next_cursor = await index.list_grid(
+        redis, user_id, before=before, limit=settings.page_size
+    )
+    context = {
+        "tiles": await make_tiles(uploads, store),
+        "next_cursor": next_cursor,
+        "count": await index.count_grid(redis, user_id),
+        "user": current_user(request),
+        "settings": settings,
+        "allowed_types": storage.ALLOWED_UPLOAD_TYPES,
+    }
+    if request.htmx and before:
+        return HTMXTemplate(template_name="_grid_page.html", context=context)
+    return Template("gallery.html", context=context)
+
+
+@post("/uploads", name="images:create-upload")
+async def create_upload(
+    request: Request[Any, Any, Any],
+    data: JSONBody[UploadRequest],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+    settings: NamedDependency[Settings],
+) -> Response[dict[str, Any]]:
+    """Sign a POST form for one file; the browser sends the file to S3 with it."""
+    user_id = _user_id(request)
+    problem = _check_upload_request(data, settings)
+    if problem:
+        return Response({"error": problem}, status_code=HTTP_400_BAD_REQUEST)
+
+    upload = await index.create_upload(
+        redis,
+        user_id=user_id,
+        filename=data.filename.strip()[:MAX_FILENAME_LENGTH],
+        content_type=data.content_type,
+        max_bytes=settings.max_upload_bytes,
+        form_seconds=settings.upload_form_seconds,
+    )
+    form = await store.presign_upload(
+        storage.incoming_key(user_id, upload.id),
+        content_type=upload.content_type,
+        owner=user_id,
+        max_bytes=upload.max_bytes,
+        expires_in=settings.upload_form_seconds,
+    )
+    logger.info("issued upload form %s for user %s", upload.id, user_id)
+    complete_url = request.app.route_reverse("images:complete-upload", upload_id=upload.id)
+    body = {"id": upload.id, "url": form.url, "fields": form.fields, "complete_url": complete_url}
+    return Response(body)
+
+
+def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None:
+    """Return what is wrong with a request for an upload form, in words for the user."""
+    if not data.filename.strip():
+        return "The file has no name."
+    if data.content_type not in storage.ALLOWED_UPLOAD_TYPES:
+        return "Only JPEG, PNG, WebP and GIF images can be uploaded."
+    if not 1 <= data.size <= settings.max_upload_bytes:
+        limit_mib = settings.max_upload_bytes / (1024 * 1024)
+        return f"Files must be between 1 byte and {limit_mib:g} MiB."
+    return None
+
+
+@post("/uploads/{upload_id:str}/complete", name="images:complete-upload", status_code=HTTP_200_OK)
+async def complete_upload(
+    request: HTMXRequest,
+    upload_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Template | Redirect:
+    """Queue verification of a file the browser has posted to S3, and return its tile."""
+    user_id = _user_id(request)
+    upload = await index.get_owned_upload(redis, user_id, upload_id)
+    if upload is None:
+        raise NotFoundException("No such upload.")
+    if await index.mark_uploaded(redis, upload):
+        await jobs.enqueue_verify(redis, upload.id)
+    if not request.htmx:
+        return Redirect(request.app.route_reverse("images:gallery"))
+    tiles = await make_tiles([upload], store)
+    return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]})
+
+
+@get("/images/{image_id:str}/tile", name="images:tile")
+async def show_tile(
+    request: HTMXRequest,
+    image_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Template | Redirect:
+    """Render one tile; a tile still processing polls this until its job is done."""
+    upload = await index.get_owned_upload(redis, _user_id(request), image_id)
+    if upload is None:
+        raise NotFoundException("No such image.")
+    if not request.htmx:
+        return Redirect(request.app.route_reverse("images:gallery"))
+    tiles = await make_tiles([upload], store)
+    return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]})
+
+
+@get("/images/{image_id:str}/original", name="images:original")
+async def download_original(
+    request: Request[Any, Any, Any],
+    image_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Redirect:
+    """Send the browser to a short-lived URL that downloads the original file."""
+    upload = await index.get_owned_upload(redis, _user_id(request), image_id)
+    if upload is None or upload.state != State.READY:
+        raise NotFoundException("No such image.")
+    url = await store.presign_get(
+        storage.original_key(upload.user_id, upload.id),
+        content_type=upload.content_type,
+        download_name=upload.filename,
+    )
+    return Redirect(url)
+
+
+@delete("/images/{image_id:str}", name="images:delete", status_code=HTTP_200_OK)
+async def delete_image(
+    request: HTMXRequest,
+    image_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Response[str]:
+    """Delete an image's objects and index entry; htmx swaps the tile for the empty body."""
+    user_id = _user_id(request)
+    upload = await index.get_owned_upload(redis, user_id, image_id)
+    if upload is None:
+        raise NotFoundException("No such image.")
+    await store.delete(storage.image_keys(user_id, upload.id))
+    await index.delete_upload(redis, upload)
+    logger.info("deleted image %s of user %s", upload.id, user_id)
+    return Response("", media_type="text/html")
+
+
+router = Router(
+    path="/",
+    guards=[require_user],
+    route_handlers=[
+        list_images,
+        create_upload,
+        complete_upload,
+        show_tile,
+        download_original,
+        delete_image,
+    ],
+)

@@ -1,0 +1,227 @@
+"""The Redis index of uploads and images: one record per upload and one grid per user.
+
+Pages are rendered from this index alone, never from a bucket listing. Every record also
+exists as objects and metadata in the bucket, so the index can be rebuilt from there.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+
+from redis.asyncio import Redis
+
+PREFIX = "gallery"
+
+
+class State(StrEnum):
+    """Where an upload is in its life."""
+
+    ISSUED = "issued"  # a form was signed; the browser may be posting the file
+    UPLOADED = "uploaded"  # the browser reported the upload done; verification is queued
+    READY = "ready"
+    REJECTED = "rejected"
+
+
+@dataclass
+class Upload:
+    """One upload, from its signed form to a ready or rejected image."""
+
+    id: str
+    user_id: str
+    filename: str
+    content_type: str
+    max_bytes: int
+    state: State
+    created_at: float
+    form_expires_at: float
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    size: int = 0
+
+    @property
+    def is_processing(self) -> bool:
+        return self.state in (State.ISSUED, State.UPLOADED)
+
+
+def _record_key(upload_id: str) -> str:
+    return f"{PREFIX}:upload:{upload_id}"
+
+
+def _grid_key(user_id: str) -> str:
+    return f"{PREFIX}:grid:{user_id}"
+
+
+# Uploads whose form may still be outstanding, scored by the form's expiry time.
+PENDING_KEY = f"{PREFIX}:pending"
+
+
+# Lua scripts run atomically in Redis, so two requests or jobs cannot both make a move.
+_MARK_UPLOADED = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'issued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'uploaded')
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return 1
+"""
+
+# A record deleted by its owner while a job ran must not come back.
+_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def new_upload_id() -> str:
+    """Make an id that sorts by creation time: 12 hex digits of milliseconds, 16 random."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+
+
+def _encode(upload: Upload) -> dict[str, str]:
+    return {name: str(value) for name, value in asdict(upload).items()}
+
+
+def _decode(raw: dict[bytes, bytes]) -> Upload | None:
+    if not raw:
+        return None
+    values = {key.decode(): value.decode() for key, value in raw.items()}
+    kinds = {field.name: field.type for field in fields(Upload)}
+    parsed: dict[str, object] = {}
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if kind == "int":
+            parsed[name] = int(value)
+        elif kind == "float":
+            parsed[name] = float(value)
+        elif kind == "State":
+            parsed[name] = State(value)
+        elif kind is not None:
+            parsed[name] = value
+    return Upload(**parsed)
+
+
+async def create_upload(
+    redis: Redis,
+    *,
+    user_id: str,
+    filename: str,
+    content_type: str,
+    max_bytes: int,
+    form_seconds: int,
+) -> Upload:
+    """Record an upload whose form is about to be signed."""
+    now = time.time()
+    upload = Upload(
+        id=new_upload_id(),
+        user_id=user_id,
+        filename=filename,
+        content_type=content_type,
+        max_bytes=max_bytes,
+        state=State.ISSUED,
+        created_at=now,
+        form_expires_at=now + form_seconds,
+    )
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(_record_key(upload.id), mapping=_encode(upload))
+        pipe.zadd(PENDING_KEY, {upload.id: upload.form_expires_at})
+        await pipe.execute()
+    return upload
+
+
+async def get_upload(redis: Redis, upload_id: str) -> Upload | None:
+    return _decode(await redis.hgetall(_record_key(upload_id)))
+
+
+async def get_owned_upload(redis: Redis, user_id: str, upload_id: str) -> Upload | None:
+    """Return the upload when it belongs to this user, otherwise None."""
+    upload = await get_upload(redis, upload_id)
+    if upload is None or upload.user_id != user_id:
+        return None
+    return upload
+
+
+async def mark_uploaded(redis: Redis, upload: Upload) -> bool:
+    """Move an issued upload into its owner's grid; False when it had already moved on."""
+    moved = await redis.eval(
+        _MARK_UPLOADED, 2, _record_key(upload.id), _grid_key(upload.user_id), upload.id
+    )
+    if moved:
+        upload.state = State.UPLOADED
+    return bool(moved)
+
+
+async def mark_ready(
+    redis: Redis, upload: Upload, *, content_type: str, width: int, height: int, size: int
+) -> bool:
+    """Mark an upload ready; False when its owner deleted it while the job ran."""
+    values = {
+        "state": State.READY,
+        "content_type": content_type,
+        "width": str(width),
+        "height": str(height),
+        "size": str(size),
+        "reason": "",
+    }
+    return await _finish(redis, upload, values)
+
+
+async def mark_rejected(redis: Redis, upload: Upload, reason: str) -> bool:
+    return await _finish(redis, upload, {"state": State.REJECTED, "reason": reason})
+
+
+async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
+    flat = [item for pair in values.items() for item in pair]
+    return bool(await redis.eval(_FINISH, 2, _record_key(upload.id), PENDING_KEY, upload.id, *flat))
+
+
+async def delete_upload(redis: Redis, upload: Upload) -> bool:
+    """Remove an upload's record and grid entry; False when it was already gone."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(_record_key(upload.id))
+        pipe.zrem(_grid_key(upload.user_id), upload.id)
+        pipe.zrem(PENDING_KEY, upload.id)
+        deleted, _, _ = await pipe.execute()
+    return bool(deleted)
+
+
+async def list_grid(
+    redis: Redis, user_id: str, *, before: str | None, limit: int
+) -> tuple[list[Upload], str | None]:
+    """Return one page of a user's grid, newest first, and the cursor of the next page.
+
+    Keyset paging on the time-ordered ids: the cursor is the last id shown, so a page
+    costs the same at any depth and new uploads do not shift later pages.
+    """
+    start = f"({before}" if before else "+"
+    ids = await redis.zrange(
+        _grid_key(user_id), start, "-", desc=True, bylex=True, offset=0, num=limit + 1
+    )
+    page_ids = [raw.decode() for raw in ids[:limit]]
+    async with redis.pipeline(transaction=False) as pipe:
+        for upload_id in page_ids:
+            pipe.hgetall(_record_key(upload_id))
+        records = await pipe.execute()
+    uploads = [upload for raw in records if (upload := _decode(raw)) is not None]
+    next_cursor = page_ids[-1] if len(ids) > limit else None
+    return uploads, next_cursor
+
+
+async def count_grid(redis: Redis, user_id: str) -> int:
+    return await redis.zcard(_grid_key(user_id))
+
+
+async def overdue_uploads(redis: Redis, cutoff: float, *, limit: int = 1000) -> list[Upload]:
+    """Return uploads whose form expired before the cutoff and that are still unfinished."""
+    ids = await redis.zrangebyscore(PENDING_KEY, "-inf", cutoff, start=0, num=limit)
+    uploads = []
+    for raw in ids:
+        upload = await get_upload(redis, raw.decode())
+        if upload is None:
+            await redis.zrem(PENDING_KEY, raw)
+        else:
+            uploads.append(upload)
+    return uploads

@@ -1,0 +1,145 @@
+"""The gallery's settings, read once from the environment when the web app or worker starts."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# S3 rejects presigned URLs that live longer than 7 days (SigV4 limit).
+MAX_PRESIGNED_URL_SECONDS = 7 * 24 * 3600
+
+# A presigned POST form that lives longer than this gives a leaked form too much time.
+MAX_UPLOAD_FORM_SECONDS = 300
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has an invalid value."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the web app and the worker.
+
+    Each field is read from the environment variable named in its metadata (see ENV_NAMES).
+    """
+
+    # Services
+    redis_url: str = ""
+    s3_endpoint_url: str = ""
+    # The S3 endpoint as the browser reaches it: SigV4 signs the host, so presigned forms
+    # and URLs must name it. Defaults to s3_endpoint_url.
+    s3_public_endpoint_url: str = ""
+    s3_bucket: str = "gallery"
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str = ""
+    aws_secret_access_key: str = ""
+
+    # Web app
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # The address people open, for the bucket's CORS rules. Defaults to http://host:port.
+    public_url: str = ""
+    secret_key: str = ""
+    # Marks the session and CSRF cookies Secure; turn on behind HTTPS.
+    secure_cookies: bool = False
+    data_dir: Path = Path(".gallery")
+
+    # Uploads and images
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    upload_form_seconds: int = 300
+    url_expiry_seconds: int = 600
+    thumbnail_size: int = 256
+    thumbnail_quality: int = 80
+    page_size: int = 60
+
+    # Worker
+    purge_grace_seconds: int = 600
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables, failing with the variable's name."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            name = ENV_NAMES[field.name]
+            if name in environ:
+                values[field.name] = _parse(name, environ[name], type(getattr(cls, field.name)))
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        """Return these settings after checking the values that depend on each other."""
+        if not 1 <= self.url_expiry_seconds <= MAX_PRESIGNED_URL_SECONDS:
+            raise SettingsError(
+                f"GALLERY_URL_EXPIRY_SECONDS={self.url_expiry_seconds} is out of range: "
+                f"presigned URLs live from 1 to {MAX_PRESIGNED_URL_SECONDS} seconds (7 days)"
+            )
+        if not 1 <= self.upload_form_seconds <= MAX_UPLOAD_FORM_SECONDS:
+            raise SettingsError(
+                f"GALLERY_UPLOAD_FORM_SECONDS={self.upload_form_seconds} is out of range: "
+                f"upload forms live from 1 to {MAX_UPLOAD_FORM_SECONDS} seconds"
+            )
+        for name in ("max_upload_bytes", "max_pixels", "thumbnail_size", "page_size", "port"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{ENV_NAMES[name]} must be a positive integer")
+        return self
+
+    @property
+    def uses_embedded_services(self) -> bool:
+        """Whether `gallery dev` should start its own S3 and Redis servers."""
+        return not (self.redis_url or self.s3_endpoint_url or self.aws_access_key_id)
+
+    @property
+    def presign_endpoint_url(self) -> str:
+        return self.s3_public_endpoint_url or self.s3_endpoint_url
+
+    @property
+    def app_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def to_env(self) -> dict[str, str]:
+        """Return these settings as environment variables, for a process started with them."""
+        environ = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            environ[ENV_NAMES[field.name]] = str(value)
+        return environ
+
+    def require_services(self) -> Settings:
+        """Return these settings after checking that every service is configured."""
+        for name in ("redis_url", "s3_endpoint_url", "aws_access_key_id", "aws_secret_access_key"):
+            if not getattr(self, name):
+                raise SettingsError(f"{ENV_NAMES[name]} is not set")
+        if len(self.secret_key) < 32:
+            raise SettingsError("GALLERY_SECRET_KEY must be set to at least 32 random characters")
+        return self
+
+
+def _env_name(field_name: str) -> str:
+    if field_name.startswith(("redis_", "s3_", "aws_")):
+        return field_name.upper()
+    return f"GALLERY_{field_name.upper()}"
+
+
+ENV_NAMES: dict[str, str] = {field.name: _env_name(field.name) for field in fields(Settings)}
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name}={raw!r} is invalid: expected true or false")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is invalid: expected an integer") from None
+    if issubclass(kind, Path):
+        return Path(raw)
+    return raw

@@ -1,0 +1,253 @@
+"""The S3 bucket: key layout, presigned upload forms and URLs, and object reads and writes.
+
+This is the only module that talks to S3. Every key is derived here from a user id and an
+image id that the server made, never from anything a client sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from gallery.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# What the upload form may be signed for. Never SVG or HTML: a browser runs their scripts.
+ALLOWED_UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
+
+# DeleteObjects takes at most this many keys per request.
+DELETE_BATCH_SIZE = 1000
+
+THUMBNAIL_CACHE_CONTROL = "private, max-age=31536000, immutable"
+
+
+def incoming_key(user_id: str, upload_id: str) -> str:
+    """Return the key a browser uploads to, before the worker has checked the file."""
+    return f"u/{user_id}/incoming/{upload_id}"
+
+
+def original_key(user_id: str, image_id: str) -> str:
+    return f"u/{user_id}/o/{image_id}"
+
+
+def thumbnail_key(user_id: str, image_id: str) -> str:
+    return f"u/{user_id}/t/{image_id}.webp"
+
+
+def image_keys(user_id: str, image_id: str) -> list[str]:
+    """Return every key an image may have, whatever state it reached."""
+    return [
+        incoming_key(user_id, image_id),
+        original_key(user_id, image_id),
+        thumbnail_key(user_id, image_id),
+    ]
+
+
+@dataclass(frozen=True)
+class UploadForm:
+    """A presigned POST: the URL the browser posts to and the fields it must send."""
+
+    url: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    content_type: str
+    metadata: dict[str, str]
+
+
+class Storage:
+    """One bucket, reached through two clients.
+
+    The client for work names the endpoint the server reaches; the presigning client names
+    the endpoint the browser reaches, because SigV4 signs the host.
+    """
+
+    def __init__(self, client: Any, presign_client: Any, settings: Settings) -> None:
+        self._client = client
+        self._presign_client = presign_client
+        self.bucket = settings.s3_bucket
+        self._settings = settings
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[Storage]:
+        """Open the S3 clients for the lifetime of the context."""
+        session = aioboto3.Session(
+            aws_access_key_id=settings.aws_access_key_id,
+            aws_secret_access_key=settings.aws_secret_access_key,
+            region_name=settings.s3_region,
+        )
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                session.client("s3", endpoint_url=settings.s3_endpoint_url, config=config)
+            )
+            presign_client = await stack.enter_async_context(
+                session.client("s3", endpoint_url=settings.presign_endpoint_url, config=config)
+            )
+            yield cls(client, presign_client, settings)
+
+    async def ensure_bucket(self, allowed_origins: Iterable[str]) -> None:
+        """Create the bucket if it is missing and let the app's pages post uploads to it."""
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            if _error_code(error) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            await self._client.create_bucket(Bucket=self.bucket)
+            logger.info("created bucket %s", self.bucket)
+        await self._client.put_bucket_cors(
+            Bucket=self.bucket,
+            CORSConfiguration={
+                "CORSRules": [
+                    {
+                        "AllowedOrigins": list(allowed_origins),
+                        "AllowedMethods": ["POST", "GET"],
+                        "AllowedHeaders": ["*"],
+                        "MaxAgeSeconds": 3600,
+                    }
+                ]
+            },
+        )
+
+    async def bucket_cors_rules(self) -> list[dict[str, Any]]:
+        response = await self._client.get_bucket_cors(Bucket=self.bucket)
+        return response["CORSRules"]
+
+    async def presign_upload(
+        self, key: str, *, content_type: str, owner: str, max_bytes: int, expires_in: int
+    ) -> UploadForm:
+        """Sign a POST form that accepts one file of one exact type at exactly this key."""
+        if content_type not in ALLOWED_UPLOAD_TYPES:
+            raise ValueError(f"content type {content_type!r} is not one of {ALLOWED_UPLOAD_TYPES}")
+        fields = {
+            "Content-Type": content_type,
+            "x-amz-meta-owner": owner,
+            "success_action_status": "201",
+        }
+        # generate_presigned_post adds the exact bucket and key conditions itself.
+        conditions: list[Any] = [
+            ["content-length-range", 1, max_bytes],
+            {"Content-Type": content_type},
+            {"x-amz-meta-owner": owner},
+            {"success_action_status": "201"},
+        ]
+        form = await self._presign_client.generate_presigned_post(
+            Bucket=self.bucket,
+            Key=key,
+            Fields=fields,
+            Conditions=conditions,
+            ExpiresIn=expires_in,
+        )
+        return UploadForm(url=form["url"], fields=form["fields"])
+
+    async def presign_get(
+        self,
+        key: str,
+        *,
+        content_type: str | None = None,
+        download_name: str | None = None,
+        expires_in: int | None = None,
+    ) -> str:
+        """Sign a short-lived GET URL for one object, as a download when a name is given."""
+        params: dict[str, str] = {"Bucket": self.bucket, "Key": key}
+        if content_type:
+            params["ResponseContentType"] = content_type
+        if download_name is not None:
+            params["ResponseContentDisposition"] = attachment_disposition(download_name)
+        return await self._presign_client.generate_presigned_url(
+            "get_object",
+            Params=params,
+            ExpiresIn=expires_in or self._settings.url_expiry_seconds,
+        )
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Return an object's size, type and metadata, or None when it does not exist."""
+        try:
+            response = await self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(
+            size=response["ContentLength"],
+            content_type=response.get("ContentType", ""),
+            metadata=response.get("Metadata", {}),
+        )
+
+    async def read(self, key: str) -> bytes:
+        response = await self._client.get_object(Bucket=self.bucket, Key=key)
+        async with response["Body"] as body:
+            return await body.read()
+
+    async def write(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        content_type: str,
+        metadata: dict[str, str],
+        cache_control: str | None = None,
+    ) -> None:
+        extra = {"CacheControl": cache_control} if cache_control else {}
+        await self._client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=body,
+            ContentType=content_type,
+            Metadata=metadata,
+            **extra,
+        )
+
+    async def delete(self, keys: Iterable[str]) -> int:
+        """Delete objects in DeleteObjects batches; return how many keys were sent."""
+        pending = list(keys)
+        for start in range(0, len(pending), DELETE_BATCH_SIZE):
+            batch = pending[start : start + DELETE_BATCH_SIZE]
+            response = await self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+            )
+            for error in response.get("Errors", []):
+                logger.warning("could not delete %s: %s", error.get("Key"), error.get("Code"))
+        return len(pending)
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[str]:
+        """Yield every key under a prefix; for maintenance, never to render a page."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"]
+
+
+def attachment_disposition(filename: str) -> str:
+    """Return a Content-Disposition for a download that keeps a non-ASCII name.
+
+    The plain `filename` is an ASCII fallback with quotes, backslashes and control
+    characters replaced, so a name cannot add header parameters; `filename*` carries the
+    exact name, percent-encoded as RFC 6266 and RFC 5987 describe.
+    """
+    fallback = "".join(
+        char if " " <= char < "\x7f" and char not in '"\\' else "_" for char in filename
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))

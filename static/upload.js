@@ -1,0 +1,156 @@
+// Uploads each chosen file straight to S3 with a presigned POST form, then tells the app.
+// The request to S3 is a plain XMLHttpRequest: htmx headers on it would trigger CORS
+// preflights, and XMLHttpRequest reports upload progress.
+"use strict";
+
+(function () {
+  const MAX_PARALLEL_UPLOADS = 3;
+  const queue = [];
+  let running = 0;
+
+  function csrfToken() {
+    return JSON.parse(document.body.getAttribute("hx-headers"))["x-csrftoken"];
+  }
+
+  function addRow(file) {
+    const row = document.createElement("li");
+    row.className = "upload-row";
+    const name = document.createElement("span");
+    name.className = "upload-name";
+    name.textContent = file.name;
+    const bar = document.createElement("progress");
+    bar.max = 100;
+    bar.value = 0;
+    const state = document.createElement("span");
+    state.className = "upload-state";
+    state.textContent = "waiting";
+    row.append(name, bar, state);
+    document.getElementById("upload-list").append(row);
+    return { row, bar, state };
+  }
+
+  function setState(view, text, kind) {
+    view.state.textContent = text;
+    view.row.dataset.state = kind;
+  }
+
+  // Checks what the signed form would reject anyway, so the user learns it before uploading.
+  function problemWith(file, uploader) {
+    const allowed = uploader.dataset.allowedTypes.split(",");
+    const maxBytes = Number(uploader.dataset.maxBytes);
+    if (!allowed.includes(file.type)) {
+      return "rejected: only JPEG, PNG, WebP and GIF images can be uploaded";
+    }
+    if (file.size < 1 || file.size > maxBytes) {
+      return "rejected: larger than the " + (maxBytes / 1048576).toFixed(1) + " MiB limit";
+    }
+    return null;
+  }
+
+  async function requestForm(file, uploader) {
+    const response = await fetch(uploader.dataset.createUrl, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "x-csrftoken": csrfToken() },
+      body: JSON.stringify({ filename: file.name, content_type: file.type, size: file.size }),
+      credentials: "same-origin",
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      throw new Error(body.error || body.detail || "the server answered " + response.status);
+    }
+    return body;
+  }
+
+  function postToS3(form, file, view) {
+    return new Promise((resolve, reject) => {
+      const data = new FormData();
+      for (const [name, value] of Object.entries(form.fields)) {
+        data.append(name, value);
+      }
+      // S3 ignores every field after the file, so the file goes last.
+      data.append("file", file);
+      const request = new XMLHttpRequest();
+      request.open("POST", form.url);
+      request.upload.addEventListener("progress", (event) => {
+        if (event.lengthComputable) {
+          view.bar.value = Math.round((100 * event.loaded) / event.total);
+        }
+      });
+      request.addEventListener("load", () => {
+        if (request.status === 201 || request.status === 204) {
+          resolve();
+        } else {
+          reject(new Error("storage rejected the file (" + request.status + ")"));
+        }
+      });
+      request.addEventListener("error", () => reject(new Error("network error")));
+      request.send(data);
+    });
+  }
+
+  async function upload(file, view, uploader) {
+    setState(view, "uploading", "uploading");
+    try {
+      const form = await requestForm(file, uploader);
+      await postToS3(form, file, view);
+      view.bar.value = 100;
+      setState(view, "verifying", "verifying");
+      const empty = document.getElementById("empty");
+      if (empty) empty.remove();
+      await htmx.ajax("POST", form.complete_url, {
+        source: "#grid",
+        target: "#grid",
+        swap: "afterbegin",
+      });
+      setState(view, "uploaded", "done");
+    } catch (error) {
+      setState(view, "failed: " + error.message, "failed");
+    }
+  }
+
+  function pump(uploader) {
+    while (running < MAX_PARALLEL_UPLOADS && queue.length > 0) {
+      const { file, view } = queue.shift();
+      running += 1;
+      upload(file, view, uploader).finally(() => {
+        running -= 1;
+        pump(uploader);
+      });
+    }
+  }
+
+  function addFiles(files, uploader) {
+    for (const file of files) {
+      const view = addRow(file);
+      const problem = problemWith(file, uploader);
+      if (problem) {
+        setState(view, problem, "failed");
+        continue;
+      }
+      queue.push({ file, view });
+    }
+    pump(uploader);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const uploader = document.getElementById("uploader");
+    if (!uploader) return;
+    const input = document.getElementById("file-input");
+    input.addEventListener("change", () => {
+      addFiles(Array.from(input.files), uploader);
+      input.value = "";
+    });
+    document.addEventListener("dragover", (event) => event.preventDefault());
+    document.addEventListener("drop", (event) => {
+      event.preventDefault();
+      addFiles(Array.from(event.dataTransfer.files), uploader);
+    });
+  });
+
+  // htmx drops error bodies by default; show them in the message area instead.
+  document.addEventListener("htmx:responseError", (event) => {
+    const messages = document.getElementById("messages");
+    const text = event.detail.xhr.responseText || "The request failed.";
+    messages.textContent = text.length > 200 ? "The request failed." : text;
+  });
+})();

@@ -1,0 +1,78 @@
+"""Test helpers: a signed-in test client that uploads through the real presigned form."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from litestar.testing import AsyncTestClient
+from PIL import Image
+
+TEST_PASSWORD = "correct horse battery staple"
+TEST_MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+HTMX = {"HX-Request": "true"}
+
+
+def make_jpeg(
+    width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 40, 40)
+) -> bytes:
+    """Return a small JPEG of one colour."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+async def post_to_s3(
+    form: dict[str, Any],
+    data: bytes,
+    *,
+    fields: dict[str, str] | None = None,
+    url: str | None = None,
+) -> httpx.Response:
+    """Post a file with a presigned form, as a browser does, optionally with changed fields."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await http.post(
+            url or form["url"],
+            data={**form["fields"], **(fields or {})},
+            files={"file": ("upload", data, "application/octet-stream")},
+        )
+
+
+@dataclass
+class UserClient:
+    """A test client signed in as one user."""
+
+    http: AsyncTestClient[Any]
+    username: str
+
+    @property
+    def csrf(self) -> dict[str, str]:
+        return {"x-csrftoken": self.http.cookies["csrftoken"]}
+
+    async def request_form(self, filename: str, content_type: str, size: int) -> httpx.Response:
+        body = {"filename": filename, "content_type": content_type, "size": size}
+        return await self.http.post("/uploads", json=body, headers=self.csrf)
+
+    async def complete(self, upload_id: str) -> httpx.Response:
+        return await self.http.post(f"/uploads/{upload_id}/complete", headers={**self.csrf, **HTMX})
+
+    async def upload(
+        self, data: bytes, filename: str = "photo.jpg", content_type: str = "image/jpeg"
+    ) -> str:
+        """Upload through the real presigned form and report it done; return the upload id."""
+        response = await self.request_form(filename, content_type, len(data))
+        assert response.status_code == 201, response.text
+        form = response.json()
+        posted = await post_to_s3(form, data)
+        assert posted.status_code == 201, posted.text
+        completed = await self.complete(form["id"])
+        assert completed.status_code == 200, completed.text
+        return form["id"]
+
+    async def tile(self, image_id: str) -> httpx.Response:
+        return await self.http.get(f"/images/{image_id}/tile", headers=HTMX)
+
+    async def delete(self, image_id: str) -> httpx.Response:
+        return await self.http.delete(f"/images/{image_id}", headers={**self.csrf, **HTMX})

@@ -1,0 +1,321 @@
+"""The gallery's upload, tile, grid and delete handlers, on SeaweedFS and a real worker."""
+
+from __future__ import annotations
+
+import html
+import io
+import time
+from dataclasses import replace
+
+import httpx
+import pytest
+from markupsafe import escape
+from PIL import Image
+
+from gallery import index, storage
+from gallery.index import State
+from tests.support import HTMX, make_jpeg, post_to_s3
+from worker.jobs import purge_abandoned, verify_upload
+
+
+async def fetch(url: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await http.get(url)
+
+
+async def test_upload_becomes_ready_tile_with_thumbnail(client, run_worker, store, redis):
+    data = make_jpeg(800, 600)
+
+    upload_id = await client.upload(data, "holiday.jpg")
+    processing = await client.tile(upload_id)
+    await run_worker()
+    ready = await client.tile(upload_id)
+
+    assert 'hx-trigger="load delay:1s"' in processing.text
+    assert "Processing" in processing.text
+    assert "hx-trigger" not in ready.text
+    assert "<img" in ready.text
+    user_id = (await index.get_upload(redis, upload_id)).user_id
+    assert await store.head(storage.incoming_key(user_id, upload_id)) is None
+    original = await store.head(storage.original_key(user_id, upload_id))
+    assert original.content_type == "image/jpeg"
+    assert original.size == len(data)
+    thumbnail = await store.head(storage.thumbnail_key(user_id, upload_id))
+    assert thumbnail.content_type == "image/webp"
+
+
+async def test_thumbnail_url_serves_webp_within_box(client, run_worker):
+    upload_id = await client.upload(make_jpeg(1000, 500))
+    await run_worker()
+
+    tile = await client.tile(upload_id)
+    url = html.unescape(tile.text.split('<img src="')[1].split('"')[0])
+    response = await fetch(url)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/webp"
+    with Image.open(io.BytesIO(response.content)) as thumbnail:
+        assert thumbnail.format == "WEBP"
+        assert thumbnail.size == (256, 128)
+
+
+@pytest.mark.parametrize("filename", ["a+b.jpg", "a b.jpg", "100%.jpg", "x?y#z.jpg", "ü.jpg"])
+async def test_awkward_name_keeps_bytes_and_name(client, run_worker, filename):
+    data = make_jpeg(color=(len(filename) * 20, 90, 30))
+
+    upload_id = await client.upload(data, filename)
+    await run_worker()
+    download = await client.http.get(f"/images/{upload_id}/original", follow_redirects=False)
+    original = await fetch(download.headers["location"])
+    page = await client.http.get("/images")
+
+    assert original.status_code == 200
+    assert original.content == data
+    assert str(escape(filename)) in page.text
+    assert "filename*=UTF-8''" in original.headers["content-disposition"]
+
+
+async def test_five_awkward_names_are_five_images(client, run_worker, redis):
+    names = ["a+b.jpg", "a b.jpg", "100%.jpg", "x?y#z.jpg", "ü.jpg"]
+    contents = [make_jpeg(color=(40 * i, 200 - 30 * i, 90)) for i in range(len(names))]
+
+    ids = [await client.upload(data, name) for name, data in zip(names, contents, strict=True)]
+    await run_worker()
+
+    assert len(set(ids)) == 5
+    for upload_id, name, data in zip(ids, names, contents, strict=True):
+        download = await client.http.get(f"/images/{upload_id}/original", follow_redirects=False)
+        original = await fetch(download.headers["location"])
+        assert original.content == data, name
+        assert (await index.get_upload(redis, upload_id)).filename == name
+
+
+async def test_filename_with_markup_is_escaped(client, run_worker):
+    name = '<img src=x onerror="alert(1)">.jpg'
+
+    upload_id = await client.upload(make_jpeg(), name)
+    await run_worker()
+    page = await client.http.get("/images")
+    tile = await client.tile(upload_id)
+
+    assert name not in page.text
+    assert name not in tile.text
+    assert str(escape(name)) in page.text
+
+
+async def test_non_image_is_rejected_and_deleted(client, run_worker, store, redis):
+    data = b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>"
+
+    upload_id = await client.upload(data, "drawing.png", "image/png")
+    await run_worker()
+    tile = await client.tile(upload_id)
+
+    assert "Rejected: not an image" in tile.text
+    assert "hx-trigger" not in tile.text
+    upload = await index.get_upload(redis, upload_id)
+    assert upload.state == State.REJECTED
+    for key in storage.image_keys(upload.user_id, upload_id):
+        assert await store.head(key) is None
+
+
+async def test_png_signed_as_jpeg_is_rejected(client, run_worker):
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(buffer, "PNG")
+
+    upload_id = await client.upload(buffer.getvalue(), "fake.jpg", "image/jpeg")
+    await run_worker()
+
+    assert "Rejected: type does not match" in (await client.tile(upload_id)).text
+
+
+async def test_truncated_jpeg_is_rejected(client, run_worker):
+    data = make_jpeg(400, 300)
+
+    upload_id = await client.upload(data[: len(data) // 2], "cut.jpg")
+    await run_worker()
+
+    assert "Rejected: corrupt or incomplete" in (await client.tile(upload_id)).text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "size", "message"),
+    [
+        ("image/svg+xml", 100, "Only JPEG, PNG, WebP and GIF"),
+        ("text/html", 100, "Only JPEG, PNG, WebP and GIF"),
+        ("image/jpeg", 0, "between 1 byte and"),
+        ("image/jpeg", 6 * 1024 * 1024, "between 1 byte and"),
+    ],
+)
+async def test_form_request_outside_policy_gets_message(client, content_type, size, message):
+    response = await client.request_form("x.jpg", content_type, size)
+
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+async def test_verify_twice_keeps_one_image(client, run_worker, store, redis, settings):
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+    upload = await index.get_upload(redis, upload_id)
+    await redis.hset(f"gallery:upload:{upload_id}", "state", State.UPLOADED)
+    ctx = {"redis": redis, "store": store, "settings": settings, "job_try": 1, "pool": None}
+
+    outcome = await verify_upload(ctx, upload_id)
+
+    assert outcome == "ready"
+    assert await index.count_grid(redis, upload.user_id) == 1
+    keys = [key async for key in store.list_keys(f"u/{upload.user_id}/")]
+    assert sorted(keys) == sorted(storage.image_keys(upload.user_id, upload_id)[1:])
+
+
+async def test_complete_twice_queues_one_job(client, redis):
+    data = make_jpeg()
+    response = await client.request_form("x.jpg", "image/jpeg", len(data))
+    form = response.json()
+    await post_to_s3(form, data)
+
+    first = await client.complete(form["id"])
+    second = await client.complete(form["id"])
+
+    assert first.status_code == 200
+    assert second.status_code == 200
+    user_id = (await index.get_upload(redis, form["id"])).user_id
+    assert await index.count_grid(redis, user_id) == 1
+
+
+async def test_delete_removes_objects_and_second_delete_404(client, run_worker, store, redis):
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+    user_id = (await index.get_upload(redis, upload_id)).user_id
+
+    first = await client.delete(upload_id)
+    second = await client.delete(upload_id)
+
+    assert first.status_code == 200
+    assert first.text == ""
+    assert second.status_code == 404
+    for key in storage.image_keys(user_id, upload_id):
+        assert await store.head(key) is None
+    assert await index.get_upload(redis, upload_id) is None
+
+
+async def test_delete_of_other_users_image_returns_404(make_client, run_worker, store, redis):
+    alice = await make_client()
+    bob = await make_client()
+    upload_id = await alice.upload(make_jpeg())
+    await run_worker()
+    user_id = (await index.get_upload(redis, upload_id)).user_id
+
+    response = await bob.delete(upload_id)
+    tile = await bob.tile(upload_id)
+
+    assert response.status_code == 404
+    assert tile.status_code == 404
+    assert await store.head(storage.original_key(user_id, upload_id)) is not None
+    assert await store.head(storage.thumbnail_key(user_id, upload_id)) is not None
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+
+
+async def test_get_on_delete_url_returns_405(client, run_worker):
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+
+    response = await client.http.get(f"/images/{upload_id}")
+
+    assert response.status_code == 405
+    assert (await client.tile(upload_id)).status_code == 200
+
+
+async def test_delete_without_csrf_token_returns_403(client, run_worker):
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+
+    response = await client.http.delete(f"/images/{upload_id}", headers=HTMX)
+
+    assert response.status_code == 403
+    assert (await client.tile(upload_id)).status_code == 200
+
+
+async def test_grid_pages_newest_first_past_1000(client, redis, settings):
+    user_id = await _user_id(client, redis)
+    created = []
+    for _ in range(1100):
+        upload = await index.create_upload(
+            redis,
+            user_id=user_id,
+            filename="seed.jpg",
+            content_type="image/jpeg",
+            max_bytes=1,
+            form_seconds=60,
+        )
+        await index.mark_uploaded(redis, upload)
+        created.append(upload.id)
+
+    seen: list[str] = []
+    before = None
+    while True:
+        uploads, before = await index.list_grid(redis, user_id, before=before, limit=60)
+        seen.extend(upload.id for upload in uploads)
+        if before is None:
+            break
+
+    assert seen == sorted(created, reverse=True)
+    assert len(seen) == 1100
+
+
+async def test_grid_fragment_with_and_without_htmx(client, redis, settings):
+    user_id = await _user_id(client, redis)
+    for _ in range(settings.page_size + 5):
+        upload = await index.create_upload(
+            redis,
+            user_id=user_id,
+            filename="seed.jpg",
+            content_type="image/jpeg",
+            max_bytes=1,
+            form_seconds=60,
+        )
+        await index.mark_uploaded(redis, upload)
+    first_page = await client.http.get("/images")
+    cursor = first_page.text.split("?before=")[1].split('"')[0]
+
+    fragment = await client.http.get(f"/images?before={cursor}", headers=HTMX)
+    full_page = await client.http.get(f"/images?before={cursor}")
+
+    assert first_page.text.count('class="tile ') == settings.page_size
+    assert "<html" not in fragment.text
+    assert fragment.text.count('class="tile ') == 5
+    assert "<html" in full_page.text
+    assert full_page.text.count('class="tile ') == 5
+
+
+async def test_tile_without_htmx_redirects_to_gallery(client, run_worker):
+    upload_id = await client.upload(make_jpeg())
+
+    response = await client.http.get(f"/images/{upload_id}/tile", follow_redirects=False)
+
+    assert response.status_code in (302, 303)
+    assert response.headers["location"] == "/images"
+
+
+async def test_purge_deletes_abandoned_upload_once_per_tick(client, store, redis, settings):
+    data = make_jpeg()
+    response = await client.request_form("gone.jpg", "image/jpeg", len(data))
+    form = response.json()
+    assert (await post_to_s3(form, data)).status_code == 201
+    await redis.zadd(index.PENDING_KEY, {form["id"]: time.time() - 3600})
+    upload = await index.get_upload(redis, form["id"])
+    await redis.delete(f"gallery:lock:purge:{int(time.time() // 60)}")
+    ctx = {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=60)}
+
+    first = await purge_abandoned(ctx)
+    second = await purge_abandoned(ctx)
+
+    assert first >= 1
+    assert second == 0
+    assert await store.head(storage.incoming_key(upload.user_id, upload.id)) is None
+    assert await index.get_upload(redis, upload.id) is None
+
+
+async def _user_id(client, redis) -> str:
+    raw = await redis.get(f"gallery:username:{client.username.lower()}")
+    return raw.decode()

@@ -1,0 +1,175 @@
+"""The worker's jobs: verify each upload and make its thumbnail; purge abandoned uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+from typing import Any
+from urllib.parse import quote
+
+from arq import Retry
+from botocore.exceptions import BotoCoreError, ClientError
+
+from gallery import index, jobs, storage
+from gallery.imaging import ImageRejected, ProcessedImage, process_image
+from gallery.index import State, Upload
+
+logger = logging.getLogger(__name__)
+
+MAX_TRIES = 5
+
+# What an upload's tile says when its file never reached the bucket or was changed.
+REASON_MISSING = "the file never arrived"
+REASON_TOO_LARGE = "too large"
+REASON_WRONG_TYPE = "type does not match"
+REASON_WRONG_OWNER = "not uploaded with this account's form"
+REASON_FAILED = "processing failed; upload it again"
+
+
+async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
+    """Check one upload against its record and its bytes, then store it and its thumbnail.
+
+    Safe to run twice: a finished upload is left alone, and a run that stopped after moving
+    the original picks up from the original.
+    """
+    started = time.monotonic()
+    redis, store = ctx["redis"], ctx["store"]
+    upload = await index.get_upload(redis, upload_id)
+    if upload is None or upload.state in (State.READY, State.REJECTED):
+        return "skipped"
+
+    try:
+        outcome = await _verify(ctx, upload)
+    except (ClientError, BotoCoreError, OSError) as error:
+        if ctx["job_try"] < MAX_TRIES:
+            logger.warning("upload %s: storage error %r, retrying", upload.id, error)
+            raise Retry(defer=ctx["job_try"] * 5) from error
+        logger.exception("upload %s: giving up after %d tries", upload.id, ctx["job_try"])
+        outcome = REASON_FAILED
+        await store.delete([storage.incoming_key(upload.user_id, upload.id)])
+
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if outcome == "ready":
+        logger.info("upload %s of user %s ready in %.0f ms", upload.id, upload.user_id, elapsed_ms)
+        return outcome
+    await index.mark_rejected(redis, upload, outcome)
+    logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, outcome)
+    return "rejected"
+
+
+async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
+    """Return "ready", or the reason the upload is rejected after deleting its file."""
+    store, settings = ctx["store"], ctx["settings"]
+    incoming = storage.incoming_key(upload.user_id, upload.id)
+    original = storage.original_key(upload.user_id, upload.id)
+
+    info = await store.head(incoming)
+    source = incoming
+    if info is None:
+        # An earlier run may have stored the original and then stopped.
+        info = await store.head(original)
+        source = original
+        if info is None:
+            return REASON_MISSING
+    problem = _check_object(upload, info, source == incoming)
+    if problem:
+        await store.delete([incoming])
+        return problem
+
+    data = await store.read(source)
+    try:
+        processed = await asyncio.get_running_loop().run_in_executor(
+            ctx["pool"],
+            partial(
+                process_image,
+                data,
+                upload.content_type,
+                max_pixels=settings.max_pixels,
+                thumbnail_size=settings.thumbnail_size,
+                quality=settings.thumbnail_quality,
+            ),
+        )
+    except ImageRejected as rejection:
+        logger.info("upload %s: %s", upload.id, rejection)
+        await store.delete([incoming, original])
+        return rejection.reason
+
+    await _store_image(store, upload, data, processed)
+    if source == incoming:
+        await store.delete([incoming])
+    ready = await index.mark_ready(
+        ctx["redis"],
+        upload,
+        content_type=processed.content_type,
+        width=processed.width,
+        height=processed.height,
+        size=len(data),
+    )
+    if not ready:
+        # The owner deleted the image while this job ran: leave nothing behind.
+        await store.delete(storage.image_keys(upload.user_id, upload.id))
+    return "ready"
+
+
+def _check_object(upload: Upload, info: storage.ObjectInfo, is_incoming: bool) -> str | None:
+    if info.size > upload.max_bytes:
+        return REASON_TOO_LARGE
+    if info.metadata.get("owner") != upload.user_id:
+        return REASON_WRONG_OWNER
+    if is_incoming and info.content_type != upload.content_type:
+        return REASON_WRONG_TYPE
+    return None
+
+
+async def _store_image(
+    store: storage.Storage, upload: Upload, data: bytes, processed: ProcessedImage
+) -> None:
+    # The metadata lets the index be rebuilt from the bucket alone.
+    metadata = {
+        "owner": upload.user_id,
+        "filename": quote(upload.filename, safe=""),
+        "created-at": f"{upload.created_at:.3f}",
+    }
+    await store.write(
+        storage.original_key(upload.user_id, upload.id),
+        data,
+        content_type=processed.content_type,
+        metadata=metadata,
+    )
+    await store.write(
+        storage.thumbnail_key(upload.user_id, upload.id),
+        processed.thumbnail,
+        content_type=processed.thumbnail_type,
+        metadata={"owner": upload.user_id},
+        cache_control=storage.THUMBNAIL_CACHE_CONTROL,
+    )
+
+
+async def purge_abandoned(ctx: dict[str, Any]) -> int:
+    """Delete uploads whose form expired unused; queue again those whose job went missing.
+
+    Runs once per tick however many workers run: the first worker to claim the tick's lock
+    in Redis does the work.
+    """
+    redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
+    tick = int(time.time() // 60)
+    if not await redis.set(f"{index.PREFIX}:lock:purge:{tick}", "1", nx=True, ex=120):
+        return 0
+
+    overdue = await index.overdue_uploads(redis, time.time() - settings.purge_grace_seconds)
+    abandoned = [upload for upload in overdue if upload.state == State.ISSUED]
+    await store.delete(storage.incoming_key(u.user_id, u.id) for u in abandoned)
+    for upload in abandoned:
+        await index.delete_upload(redis, upload)
+    for upload in overdue:
+        if upload.state == State.UPLOADED:
+            await jobs.enqueue_verify(redis, upload.id)
+    if overdue:
+        logger.info(
+            "purged %d abandoned uploads, queued %d again",
+            len(abandoned),
+            len(overdue) - len(abandoned),
+        )
+    return len(abandoned)
