@@ -1,0 +1,704 @@
+"""Tests of upload verification and thumbnails, on the real photo corpus and on generated files."""
+
+import io
+import multiprocessing
+import pickle
+import random
+import struct
+import warnings
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
+
+from gallery.imaging import (
+    ALLOWED_TYPES,
+    ImageRejected,
+    ProcessedImage,
+    RejectionReason,
+    process_image,
+)
+
+MAX_PIXELS = 50_000_000
+
+# Mean absolute difference, in grey levels from 0 to 255, between 16x16 greyscale copies of
+# two pictures, below which they show the same scene the same way up. Thumbnails of the
+# orientation photos differ from the upright original by less than 1, and a rotated or
+# mirrored thumbnail differs by more than 30.
+SAME_PICTURE_MAX_DIFFERENCE = 8
+
+METADATA_CHUNKS = {"EXIF", "XMP ", "ICCP"}
+
+SVG = (
+    b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+    b"<script>alert(1)</script></svg>"
+)
+HTML = b"<!DOCTYPE html><html><body><script>alert(document.cookie)</script></body></html>"
+
+
+def encode(image: Image.Image, image_format: str, **params: object) -> bytes:
+    output = io.BytesIO()
+    image.save(output, image_format, **params)
+    return output.getvalue()
+
+
+def open_thumbnail(result: ProcessedImage) -> Image.Image:
+    """Decode the thumbnail completely, failing the test if it is not a WebP."""
+    thumbnail = Image.open(io.BytesIO(result.thumbnail), formats=["WEBP"])
+    thumbnail.load()
+    return thumbnail
+
+
+def grey_signature(image: Image.Image) -> bytes:
+    return image.convert("L").resize((16, 16), Image.Resampling.BOX).tobytes()
+
+
+def mean_difference(first: bytes, second: bytes) -> float:
+    return sum(abs(a - b) for a, b in zip(first, second, strict=True)) / len(first)
+
+
+def webp_chunk_ids(data: bytes) -> list[str]:
+    """List the RIFF chunk ids of a WebP file in order."""
+    chunk_ids = []
+    position = 12
+    while position + 8 <= len(data):
+        chunk_id = data[position : position + 4].decode("latin-1")
+        (length,) = struct.unpack("<I", data[position + 4 : position + 8])
+        chunk_ids.append(chunk_id)
+        position += 8 + length + length % 2
+    return chunk_ids
+
+
+def assert_no_metadata(thumbnail: bytes) -> None:
+    assert METADATA_CHUNKS.isdisjoint(webp_chunk_ids(thumbnail))
+    assert not Image.open(io.BytesIO(thumbnail)).getexif()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """Build a PNG with a valid 8-bit RGB header of the given size and no pixel data at all."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b"")
+
+
+def marked_image(width: int = 96, height: int = 48) -> Image.Image:
+    """Build a dark image with a white square in its top left corner."""
+    image = Image.new("RGB", (width, height), (40, 40, 40))
+    image.paste((255, 255, 255), (0, 0, height // 2, height // 2))
+    return image
+
+
+def brightest_quadrant(image: Image.Image) -> str:
+    quadrants = image.convert("L").resize((2, 2), Image.Resampling.BOX)
+    names = {(0, 0): "top left", (1, 0): "top right", (0, 1): "bottom left", (1, 1): "bottom right"}
+    brightest = max(names, key=quadrants.getpixel)
+    return names[brightest]
+
+
+def jpeg_with_orientation(orientation: int | None) -> bytes:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[ExifTags.Base.Orientation] = orientation
+    return encode(marked_image(), "JPEG", quality=95, exif=exif)
+
+
+def s15_fixed16(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def xyz_tag(x: float, y: float, z: float) -> bytes:
+    return b"XYZ \0\0\0\0" + s15_fixed16(x) + s15_fixed16(y) + s15_fixed16(z)
+
+
+def linear_light_profile() -> bytes:
+    """Build an ICC v2 display profile with sRGB primaries and gamma 1.0 curves.
+
+    Pixel value 128 in this profile is 50% linear light, which is about 188 in sRGB.
+    """
+    gamma_one_curve = b"curv\0\0\0\0" + struct.pack(">I", 0)
+    tags = [
+        (b"wtpt", xyz_tag(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz_tag(0.4361, 0.2225, 0.0139)),
+        (b"gXYZ", xyz_tag(0.3851, 0.7169, 0.0971)),
+        (b"bXYZ", xyz_tag(0.1431, 0.0606, 0.7141)),
+        (b"rTRC", gamma_one_curve),
+        (b"gTRC", gamma_one_curve),
+        (b"bTRC", gamma_one_curve),
+    ]
+    first_tag_offset = 128 + 4 + 12 * len(tags)
+    tag_table = b""
+    tag_data = b""
+    for signature, data in tags:
+        tag_table += signature + struct.pack(">II", first_tag_offset + len(tag_data), len(data))
+        tag_data += data + b"\0" * (-len(data) % 4)
+
+    size = first_tag_offset + len(tag_data)
+    header = (
+        struct.pack(">I", size)
+        + b"\0" * 4
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 28
+        + xyz_tag(0.9642, 1.0, 0.8249)[8:]
+        + b"\0" * 48
+    )
+    return header + struct.pack(">I", len(tags)) + tag_table + tag_data
+
+
+def animation(image_format: str) -> bytes:
+    """Encode three frames, red, green and blue, of a 64x32 animation."""
+    frames = [Image.new("RGB", (64, 32), colour) for colour in ("red", "lime", "blue")]
+    if image_format == "GIF":
+        frames = [frame.convert("P") for frame in frames]
+    return encode(frames[0], image_format, save_all=True, append_images=frames[1:])
+
+
+def noise_image(size: int = 512) -> Image.Image:
+    """Build a noisy image, which compresses badly, so that truncation cuts into the pixels."""
+    return Image.effect_noise((size, size), 64).convert("RGB")
+
+
+def orientation_exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif
+
+
+def truncated_ifd_jpeg() -> bytes:
+    # The IFD promises 65535 entries and ends after the count.
+    exif = b"Exif\0\0II*\0\x08\0\0\0\xff\xff"
+    return encode(marked_image(), "JPEG", exif=exif)
+
+
+def orientation_with_five_values_jpeg() -> bytes:
+    # One Orientation entry of type SHORT with a count of 5 and its values at offset 0, which
+    # Pillow 13 reads as 18761.
+    entry = struct.pack("<HHII", ExifTags.Base.Orientation, 3, 5, 0)
+    exif = b"Exif\0\0II*\0\x08\0\0\0" + struct.pack("<H", 1) + entry + b"\0\0\0\0"
+    return encode(marked_image(), "JPEG", exif=exif)
+
+
+def png_with_bad_raw_exif_profile() -> bytes:
+    # ImageMagick stores EXIF in a PNG text chunk as hex. This chunk is not hex, so Pillow 13
+    # raises ValueError when it reads the EXIF.
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Raw profile type exif", "\nexif\n      10\nnot hex at all\n")
+    return encode(marked_image(), "PNG", pnginfo=text)
+
+
+def mutated_copies(data: bytes, count: int, seed: int) -> list[bytes]:
+    """Return truncated copies and copies with a few random bytes replaced."""
+    generator = random.Random(seed)
+    copies = []
+    for _ in range(count):
+        mutated = bytearray(data)
+        if generator.random() < 0.3:
+            del mutated[generator.randrange(len(mutated)) :]
+        else:
+            for _ in range(generator.randint(1, 8)):
+                mutated[generator.randrange(len(mutated))] = generator.randrange(256)
+        copies.append(bytes(mutated))
+    return copies
+
+
+def transparent_corner(mode: str) -> bytes:
+    image = Image.new("RGBA", (64, 64), (0, 128, 255, 255))
+    image.paste((0, 0, 0, 0), (0, 0, 16, 16))
+    if mode == "P":
+        palette_image = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+        transparent_index = palette_image.getpixel((0, 0))
+        return encode(palette_image, "PNG", transparency=transparent_index)
+    return encode(image.convert(mode), "PNG")
+
+
+@pytest.mark.parametrize("orientation", range(9))
+@pytest.mark.parametrize("shape", ["Landscape", "Portrait"])
+def test_oriented_photo_thumbnail_is_upright(corpus_dir: Path, shape: str, orientation: int):
+    upright = Image.open(corpus_dir / "orientation" / f"{shape}_1.jpg")
+    data = (corpus_dir / "orientation" / f"{shape}_{orientation}.jpg").read_bytes()
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    assert (result.width, result.height) == upright.size
+    assert max(thumbnail.size) == 256
+    assert (thumbnail.width > thumbnail.height) == (upright.width > upright.height)
+    difference = mean_difference(grey_signature(thumbnail), grey_signature(upright))
+    assert difference < SAME_PICTURE_MAX_DIFFERENCE
+
+
+@pytest.mark.parametrize("transpose", list(Image.Transpose))
+@pytest.mark.parametrize("shape", ["Landscape", "Portrait"])
+def test_orientation_check_detects_turned_thumbnail(
+    corpus_dir: Path, shape: str, transpose: Image.Transpose
+):
+    upright = Image.open(corpus_dir / "orientation" / f"{shape}_1.jpg")
+    data = (corpus_dir / "orientation" / f"{shape}_1.jpg").read_bytes()
+    thumbnail = open_thumbnail(process_image(data, "image/jpeg", max_pixels=MAX_PIXELS))
+
+    turned = thumbnail.transpose(transpose)
+
+    difference = mean_difference(grey_signature(turned), grey_signature(upright))
+    assert difference > SAME_PICTURE_MAX_DIFFERENCE
+
+
+@pytest.mark.parametrize("folder", ["cameras", "gps", "mobile"])
+def test_corpus_photos_make_clean_thumbnails(corpus_dir: Path, folder: str):
+    paths = sorted((corpus_dir / folder).glob("*.jpg"))
+    assert paths
+
+    for path in paths:
+        upright_size = ImageOps.exif_transpose(Image.open(path)).size
+
+        result = process_image(path.read_bytes(), "image/jpeg", max_pixels=MAX_PIXELS)
+
+        thumbnail = open_thumbnail(result)
+        assert result.content_type == "image/jpeg", path.name
+        assert result.thumbnail_type == "image/webp", path.name
+        assert (result.width, result.height) == upright_size, path.name
+        assert max(thumbnail.size) == min(256, max(upright_size)), path.name
+        assert_no_metadata(result.thumbnail)
+
+
+def test_gps_photos_lose_their_location(corpus_dir: Path):
+    paths = sorted((corpus_dir / "gps").glob("*.jpg"))
+    assert paths
+
+    for path in paths:
+        assert Image.open(path).getexif().get_ifd(ExifTags.IFD.GPSInfo), path.name
+
+        result = process_image(path.read_bytes(), "image/jpeg", max_pixels=MAX_PIXELS)
+
+        assert "EXIF" not in webp_chunk_ids(result.thumbnail), path.name
+        assert not open_thumbnail(result).getexif().get_ifd(ExifTags.IFD.GPSInfo), path.name
+
+
+# The main scan of corrupted.jpg ends early. libjpeg fills its last 24 rows with grey and
+# Pillow 13 raises no error, so it processes. The two others have no EXIF block, only a
+# large XMP packet in APP1, which is no problem for Pillow.
+@pytest.mark.parametrize(
+    ("name", "size", "thumbnail_size"),
+    [
+        ("corrupted.jpg", (3648, 2736), (256, 192)),
+        ("image00971.jpg", (636, 227), (256, 91)),
+        ("image01137.jpg", (88, 64), (88, 64)),
+    ],
+)
+def test_broken_corpus_file_processes(
+    corpus_dir: Path, name: str, size: tuple[int, int], thumbnail_size: tuple[int, int]
+):
+    data = (corpus_dir / "broken" / name).read_bytes()
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    assert (result.width, result.height) == size
+    assert open_thumbnail(result).size == thumbnail_size
+    assert_no_metadata(result.thumbnail)
+
+
+@pytest.mark.parametrize(
+    ("path", "claimed_type"),
+    [
+        ("heic/IMG_5195.HEIC", "image/heic"),
+        ("heic/IMG_5195.HEIC", "image/jpeg"),
+        ("tiff/BSG1.tiff", "image/tiff"),
+        ("tiff/Rudless.tiff", "image/png"),
+    ],
+)
+def test_heic_and_tiff_are_not_images(corpus_dir: Path, path: str, claimed_type: str):
+    data = (corpus_dir / path).read_bytes()
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.NOT_AN_IMAGE
+
+
+@pytest.mark.parametrize("orientation", [None, 0, 1, 9, 255])
+def test_invalid_orientation_keeps_stored_image(orientation: int | None):
+    data = jpeg_with_orientation(orientation)
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    assert (result.width, result.height) == (96, 48)
+    assert thumbnail.size == (96, 48)
+    assert brightest_quadrant(thumbnail) == "top left"
+
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "quadrant"),
+    [
+        (2, (96, 48), "top right"),
+        (3, (96, 48), "bottom right"),
+        (6, (48, 96), "top right"),
+        (8, (48, 96), "bottom left"),
+    ],
+)
+def test_valid_orientation_turns_image_upright(
+    orientation: int, size: tuple[int, int], quadrant: str
+):
+    data = jpeg_with_orientation(orientation)
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    assert (result.width, result.height) == size
+    assert thumbnail.size == size
+    assert brightest_quadrant(thumbnail) == quadrant
+
+
+def test_drafted_jpeg_is_turned_upright():
+    # The draft path decodes this 2048x1024 JPEG at 1/4 scale before turning it.
+    data = encode(marked_image(2048, 1024), "JPEG", exif=orientation_exif(6))
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    assert (result.width, result.height) == (1024, 2048)
+    assert thumbnail.size == (128, 256)
+    assert brightest_quadrant(thumbnail) == "top right"
+
+
+@pytest.mark.parametrize(
+    ("make_data", "claimed_type"),
+    [
+        (truncated_ifd_jpeg, "image/jpeg"),
+        (orientation_with_five_values_jpeg, "image/jpeg"),
+        (png_with_bad_raw_exif_profile, "image/png"),
+    ],
+)
+def test_broken_exif_keeps_stored_image(make_data, claimed_type: str):
+    data = make_data()
+
+    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert (result.width, result.height) == (96, 48)
+    assert brightest_quadrant(open_thumbnail(result)) == "top left"
+
+
+@pytest.mark.parametrize(
+    ("image_format", "params", "claimed_type"),
+    [
+        ("JPEG", {}, "image/jpeg"),
+        ("JPEG", {"progressive": True}, "image/jpeg"),
+        ("PNG", {}, "image/png"),
+        ("GIF", {}, "image/gif"),
+        ("WEBP", {}, "image/webp"),
+        ("WEBP", {"lossless": True}, "image/webp"),
+    ],
+)
+@pytest.mark.parametrize("kept_fraction", [0.5, 0.9])
+def test_truncated_image_is_corrupt(
+    image_format: str, params: dict, claimed_type: str, kept_fraction: float
+):
+    data = encode(noise_image(), image_format, **params)
+    truncated = data[: int(len(data) * kept_fraction)]
+    # A thumbnail size of 32 makes a 512x512 JPEG decode at 1/8 scale, the draft path.
+    complete = process_image(data, claimed_type, max_pixels=MAX_PIXELS, thumbnail_size=32)
+    assert complete.width == 512
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(truncated, claimed_type, max_pixels=MAX_PIXELS, thumbnail_size=32)
+
+    assert rejection.value.reason == RejectionReason.CORRUPT
+
+
+def test_jpeg_without_end_marker_is_corrupt():
+    data = encode(noise_image(), "JPEG")
+    assert data.endswith(b"\xff\xd9")
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data[:-2], "image/jpeg", max_pixels=MAX_PIXELS, thumbnail_size=32)
+
+    assert rejection.value.reason == RejectionReason.CORRUPT
+
+
+@pytest.mark.parametrize("claimed_type", list(ALLOWED_TYPES))
+def test_mutated_image_raises_only_rejection(claimed_type: str):
+    exif = orientation_exif(6)
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] = "N"
+    image = Image.effect_mandelbrot((120, 80), (-2, -1, 1, 1), 50).convert("RGB")
+    data = encode(image, ALLOWED_TYPES[claimed_type], exif=exif)
+
+    # Any exception other than ImageRejected fails the test on the spot.
+    outcomes = set()
+    for mutated in mutated_copies(data, count=300, seed=1):
+        try:
+            process_image(mutated, claimed_type, max_pixels=MAX_PIXELS)
+        except ImageRejected as rejection:
+            outcomes.add(rejection.reason)
+        else:
+            outcomes.add("processed")
+
+    assert RejectionReason.CORRUPT in outcomes
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"),
+    [
+        ("PNG", "image/jpeg"),
+        ("JPEG", "image/png"),
+        ("GIF", "image/webp"),
+        ("WEBP", "image/gif"),
+    ],
+)
+def test_other_allowed_format_is_type_mismatch(image_format: str, claimed_type: str):
+    data = encode(marked_image(), image_format)
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.TYPE_MISMATCH
+    assert image_format in rejection.value.detail
+    assert claimed_type in rejection.value.detail
+
+
+@pytest.mark.parametrize(
+    "claimed_type", ["image/svg+xml", "image/bmp", "text/html", "IMAGE/PNG", ""]
+)
+def test_unlisted_claimed_type_is_mismatch(claimed_type: str):
+    data = encode(marked_image(), "PNG")
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.TYPE_MISMATCH
+
+
+@pytest.mark.parametrize(
+    ("data", "claimed_type"),
+    [
+        (SVG, "image/png"),
+        (SVG, "image/svg+xml"),
+        (HTML, "image/png"),
+        (b"", "image/png"),
+    ],
+)
+def test_markup_is_not_an_image(data: bytes, claimed_type: str):
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.NOT_AN_IMAGE
+
+
+def test_appended_html_stays_out_of_thumbnail():
+    data = encode(marked_image(), "PNG") + HTML
+
+    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+
+    assert open_thumbnail(result).size == (96, 48)
+    assert HTML not in result.thumbnail
+    assert b"<script" not in result.thumbnail
+
+
+def test_multi_picture_jpeg_counts_as_jpeg():
+    data = encode(marked_image(), "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    assert result.content_type == "image/jpeg"
+    assert brightest_quadrant(open_thumbnail(result)) == "top left"
+
+
+def test_pixel_count_above_maximum_is_too_large():
+    data = png_header_only(5000, 5000)
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/png", max_pixels=10_000_000)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+    assert rejection.value.detail == "5000x5000 = 25000000 pixels exceeds the maximum of 10000000"
+
+
+def test_header_only_png_within_maximum_is_corrupt():
+    # Decoding a header-only PNG fails. So "too large" for the bigger header-only PNGs
+    # proves that their size was checked before any pixel was decoded.
+    data = png_header_only(100, 100)
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/png", max_pixels=10_000_000)
+
+    assert rejection.value.reason == RejectionReason.CORRUPT
+
+
+# 30000x30000 is above twice Image.MAX_IMAGE_PIXELS, where Pillow raises
+# DecompressionBombError. 10000x10000 is between the two, where Pillow only warns.
+@pytest.mark.parametrize(("width", "height"), [(30000, 30000), (10000, 10000)])
+def test_decompression_bomb_is_too_large(width: int, height: int):
+    data = png_header_only(width, height)
+    filters_before = list(warnings.filters)
+    max_image_pixels_before = Image.MAX_IMAGE_PIXELS
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/png", max_pixels=10**10)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+    assert "decompression bomb" in rejection.value.detail
+    assert warnings.filters == filters_before
+    assert Image.MAX_IMAGE_PIXELS == max_image_pixels_before
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"), [("GIF", "image/gif"), ("WEBP", "image/webp")]
+)
+def test_animation_thumbnail_shows_first_frame(image_format: str, claimed_type: str):
+    data = animation(image_format)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+
+    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    red, green, blue = thumbnail.convert("RGB").getpixel((32, 16))
+    assert getattr(thumbnail, "n_frames", 1) == 1
+    assert red > 200
+    assert green < 60
+    assert blue < 60
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_png_transparency_is_kept(mode: str):
+    data = transparent_corner(mode)
+
+    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    assert thumbnail.mode == "RGBA"
+    assert thumbnail.getpixel((2, 2))[3] == 0
+    assert thumbnail.getpixel((40, 40))[3] == 255
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    data = encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95)
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result)
+    red, green, blue = thumbnail.getpixel((32, 32))
+    assert thumbnail.mode == "RGB"
+    assert red > 230
+    assert green < 30
+    assert blue < 30
+
+
+def test_16_bit_grey_keeps_brightness():
+    data = encode(Image.new("I;16", (64, 64), 32768), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+
+    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+
+    red, green, blue = open_thumbnail(result).getpixel((32, 32))
+    assert 120 < red < 136
+    assert red == green == blue
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"), [("PNG", "image/png"), ("JPEG", "image/jpeg")]
+)
+def test_colour_profile_is_converted_to_srgb(image_format: str, claimed_type: str):
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    data = encode(grey, image_format, icc_profile=linear_light_profile(), quality=95)
+
+    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    red, green, blue = open_thumbnail(result).getpixel((32, 32))
+    assert 182 < red < 194
+    assert red == green == blue
+    assert "ICCP" not in webp_chunk_ids(result.thumbnail)
+
+
+def test_broken_colour_profile_is_ignored():
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    data = encode(grey, "PNG", icc_profile=b"not an ICC profile" * 10)
+
+    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+
+    red, _, _ = open_thumbnail(result).getpixel((32, 32))
+    assert 124 < red < 132
+
+
+def test_gps_exif_stays_out_of_thumbnail():
+    exif = Image.Exif()
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (52.0, 31.0, 12.0)
+    data = encode(marked_image(), "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.GPSInfo)
+
+    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    assert_no_metadata(result.thumbnail)
+
+
+def test_thumbnail_is_antialiased():
+    # One-pixel stripes average to mid grey. Nearest-neighbour sampling would keep
+    # only black or only white stripes.
+    stripes = Image.new("L", (1024, 1024), 0)
+    for row in range(0, 1024, 2):
+        stripes.paste(255, (0, row, 1024, row + 1))
+    data = encode(stripes, "PNG")
+
+    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+
+    red, green, blue = open_thumbnail(result).getpixel((128, 128))
+    assert 100 < red < 156
+    assert red == green == blue
+
+
+def test_thumbnail_fits_requested_size():
+    data = encode(marked_image(1000, 400), "PNG")
+
+    result = process_image(data, "image/png", max_pixels=MAX_PIXELS, thumbnail_size=100)
+
+    assert open_thumbnail(result).size == (100, 40)
+    assert (result.width, result.height) == (1000, 400)
+
+
+def test_result_and_rejection_survive_pickling():
+    result = process_image(encode(marked_image(), "PNG"), "image/png", max_pixels=MAX_PIXELS)
+    rejection = ImageRejected(RejectionReason.TOO_LARGE, "5000x5000 = 25000000 pixels")
+
+    restored_result = pickle.loads(pickle.dumps(result))
+    restored_rejection = pickle.loads(pickle.dumps(rejection))
+
+    assert restored_result == result
+    assert restored_rejection.reason == RejectionReason.TOO_LARGE
+    assert restored_rejection.detail == "5000x5000 = 25000000 pixels"
+    assert str(restored_rejection) == "too large: 5000x5000 = 25000000 pixels"
+
+
+def test_process_pool_returns_result_and_rejection():
+    data = encode(marked_image(), "PNG")
+    spawn = multiprocessing.get_context("spawn")
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        processed = pool.submit(process_image, data, "image/png", max_pixels=MAX_PIXELS)
+        rejected = pool.submit(process_image, SVG, "image/png", max_pixels=MAX_PIXELS)
+
+        assert processed.result() == process_image(data, "image/png", max_pixels=MAX_PIXELS)
+        with pytest.raises(ImageRejected) as rejection:
+            rejected.result()
+
+    assert rejection.value.reason == RejectionReason.NOT_AN_IMAGE
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_pixels": 0},
+        {"max_pixels": MAX_PIXELS, "thumbnail_size": 0},
+        {"max_pixels": MAX_PIXELS, "thumbnail_size": 20000},
+        {"max_pixels": MAX_PIXELS, "quality": 101},
+    ],
+)
+def test_invalid_limits_raise_value_error(limits: dict):
+    with pytest.raises(ValueError):
+        process_image(encode(marked_image(), "PNG"), "image/png", **limits)
