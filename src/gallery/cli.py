@@ -40,7 +40,7 @@ def serve() -> None:
     from gallery.app import create_app
 
     settings = _require_services(_load_settings())
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
 
 
 @main.command()
@@ -71,11 +71,14 @@ def init_bucket() -> None:
 def dev() -> None:
     """Run everything on this machine: S3, Redis, the web app and one worker (Ctrl-C stops)."""
     from gallery.dev import run_dev
+    from gallery.embedded import EmbeddedServerError
 
     try:
         run_dev(_load_settings())
-    except SettingsError as error:
+    except (SettingsError, EmbeddedServerError) as error:
         raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        logger.info("stopped")
 
 
 def _require_services(settings: Settings) -> Settings:

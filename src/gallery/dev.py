@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -24,6 +25,9 @@ def run_dev(settings: Settings) -> None:
 
     from gallery.app import create_app
 
+    # uvicorn raises SIGTERM again once it has shut down; as SystemExit it unwinds the stack
+    # below, which stops the worker and the servers, instead of ending the process at once.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     with ExitStack() as stack:
         if settings.uses_embedded_services:
             settings = _start_embedded_services(settings, stack)
@@ -37,7 +41,11 @@ def run_dev(settings: Settings) -> None:
         stack.callback(_stop_process, worker)
 
         logger.info("gallery is serving at %s", settings.app_url)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+def _exit_on_signal(signum: int, _: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _start_embedded_services(settings: Settings, stack: ExitStack) -> Settings:
@@ -50,6 +58,7 @@ def _start_embedded_services(settings: Settings, stack: ExitStack) -> Settings:
         secrets_["s3_access_key"],
         secrets_["s3_secret_key"],
         buckets=[settings.s3_bucket],
+        allowed_origins=_app_origins(settings),
     )
     stack.enter_context(s3)
     redis = stack.enter_context(EmbeddedRedis(data_dir / "redis"))
@@ -85,11 +94,16 @@ def _load_or_make_secrets(path: Path) -> dict[str, str]:
 async def _prepare_bucket(settings: Settings) -> None:
     from gallery.storage import Storage
 
-    origins = {settings.app_url}
-    if settings.host == "127.0.0.1":
-        origins.add(f"http://localhost:{settings.port}")
     async with Storage.open(settings) as store:
-        await store.ensure_bucket(sorted(origins))
+        await store.ensure_bucket(_app_origins(settings))
+
+
+def _app_origins(settings: Settings) -> list[str]:
+    """Return the origins the gallery's pages load from, which may post to the bucket."""
+    origins = {settings.app_url}
+    if settings.host == "127.0.0.1" and not settings.public_url:
+        origins.add(f"http://localhost:{settings.port}")
+    return sorted(origins)
 
 
 def _stop_process(process: subprocess.Popen[bytes]) -> None:

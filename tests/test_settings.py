@@ -1,0 +1,79 @@
+"""Settings: read from the environment, validated at start, listed in .env.example."""
+
+from pathlib import Path
+
+import pytest
+
+from gallery.settings import ENV_NAMES, Settings, SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example_names() -> set[str]:
+    lines = (REPO_ROOT / ".env.example").read_text().splitlines()
+    return {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
+
+
+def test_env_example_lists_every_setting():
+    assert _example_names() == set(ENV_NAMES.values())
+
+
+def test_env_example_defaults_parse():
+    lines = (REPO_ROOT / ".env.example").read_text().splitlines()
+    values = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+    settings = Settings.from_env(values)
+
+    assert settings.port == 8000
+    assert settings.max_upload_bytes == 25 * 1024 * 1024
+
+
+def test_empty_environment_gives_defaults():
+    settings = Settings.from_env({})
+
+    assert settings == Settings()
+    assert settings.uses_embedded_services
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("GALLERY_PORT", "eighty", "GALLERY_PORT='eighty' is invalid: expected an integer"),
+        ("GALLERY_SECURE_COOKIES", "maybe", "GALLERY_SECURE_COOKIES='maybe' is invalid"),
+        ("GALLERY_URL_EXPIRY_SECONDS", "604801", "GALLERY_URL_EXPIRY_SECONDS=604801 is out"),
+        ("GALLERY_UPLOAD_FORM_SECONDS", "301", "GALLERY_UPLOAD_FORM_SECONDS=301 is out"),
+        ("GALLERY_MAX_UPLOAD_BYTES", "0", "GALLERY_MAX_UPLOAD_BYTES must be a positive"),
+    ],
+)
+def test_bad_value_names_the_variable(name, value, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        Settings.from_env({name: value})
+
+
+def test_any_explicit_service_turns_embedded_services_off():
+    for name in ("REDIS_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+        assert not Settings.from_env({name: "x"}).uses_embedded_services, name
+
+
+def test_require_services_names_missing_variable():
+    with pytest.raises(SettingsError, match="REDIS_URL is not set"):
+        Settings.from_env({"S3_ENDPOINT_URL": "http://127.0.0.1:1"}).require_services()
+
+
+def test_short_secret_key_is_rejected():
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1",
+        s3_endpoint_url="http://127.0.0.1:1",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+        secret_key="short",
+    )
+
+    with pytest.raises(SettingsError, match="GALLERY_SECRET_KEY"):
+        settings.require_services()
+
+
+def test_to_env_round_trips():
+    settings = Settings(port=8123, secure_cookies=True, s3_bucket="photos")
+
+    assert Settings.from_env(settings.to_env()) == settings
