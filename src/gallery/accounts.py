@@ -111,7 +111,7 @@ def require_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHan
 
 def _start_session(request: Request[Any, Any, Any], user: User) -> None:
     # A new session id at sign-in, so an id planted before it cannot ride the new session.
-    request.state.rotate_session = True
+    request.scope.setdefault("state", {})["rotate_session"] = True
     request.set_session({"user_id": user.id, "username": user.username})
 
 

@@ -20,7 +20,7 @@ from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
 
 from gallery import accounts, errors, images
-from gallery.sessions import RotatingSessionConfig
+from gallery.sessions import SessionConfig
 from gallery.settings import Settings
 from gallery.storage import Storage
 
@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> Litestar:
         stores={
             "sessions": RedisStore.with_client(url=settings.redis_url, namespace="gallery:sessions")
         },
-        middleware=[RotatingSessionConfig(secure=settings.secure_cookies).middleware],
+        middleware=[SessionConfig(secure=settings.secure_cookies).middleware],
         csrf_config=CSRFConfig(
             secret=settings.secret_key,
             cookie_secure=settings.secure_cookies,

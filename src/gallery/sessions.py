@@ -1,4 +1,4 @@
-"""Server-side sessions in Redis, with a fresh session id whenever a user signs in."""
+"""Server-side sessions in Redis: stored only for signed-in users, renewed at each sign-in."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ from litestar.middleware.session.server_side import (
     ServerSideSessionBackend,
     ServerSideSessionConfig,
 )
-from litestar.types import Message, ScopeSession
+from litestar.types import Empty, Message, ScopeSession
 
 
-class RotatingSessionBackend(ServerSideSessionBackend):
-    """Store sessions server-side, moving to a new id when a handler sets `rotate_session`.
+class SessionBackend(ServerSideSessionBackend):
+    """Litestar's server-side sessions with two changes.
 
-    Litestar keeps the id from the request's cookie for as long as it exists, so without the
-    move an id that an attacker planted before sign-in would carry the signed-in session.
+    An empty session is neither stored nor sent as a cookie, so anonymous visitors leave no
+    key in Redis. A handler that sets `rotate_session` in the request state moves the
+    session to a new id: Litestar keeps the id from the request's cookie for as long as the
+    cookie exists, so an id planted before sign-in would otherwise carry the new session.
     """
 
     async def store_in_message(
@@ -26,11 +28,17 @@ class RotatingSessionBackend(ServerSideSessionBackend):
         message: Message,
         connection: ASGIConnection[Any, Any, Any, Any],
     ) -> None:
+        has_cookie = bool(connection.cookies.get(self.config.key))
+        if scope_session is Empty or not scope_session:
+            if has_cookie:
+                await super().store_in_message(Empty, message, connection)
+            return
+
         state = connection.scope.setdefault("state", {})
         if state.pop("rotate_session", False):
-            old_id = connection.cookies.get(self.config.key)
-            if old_id:
-                await self.delete(old_id, store=self.config.get_store_from_app(connection.app))
+            if has_cookie:
+                store = self.config.get_store_from_app(connection.app)
+                await self.delete(connection.cookies[self.config.key], store=store)
             state["new_session_id"] = secrets.token_hex(self.config.session_id_bytes)
         await super().store_in_message(scope_session, message, connection)
 
@@ -39,5 +47,5 @@ class RotatingSessionBackend(ServerSideSessionBackend):
         return new_id or super().get_session_id(connection)
 
 
-class RotatingSessionConfig(ServerSideSessionConfig):
-    _backend_class = RotatingSessionBackend
+class SessionConfig(ServerSideSessionConfig):
+    _backend_class = SessionBackend

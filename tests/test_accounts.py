@@ -1,0 +1,183 @@
+"""Sign-up, sign-in and sign-out, sessions in Redis, CSRF, and the guard on every page."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from gallery.app import create_app
+from tests.support import HTMX, TEST_PASSWORD
+
+
+@pytest.fixture
+async def anonymous(settings, store):
+    """Hand over a test client with a CSRF cookie and no session."""
+    async with AsyncTestClient(create_app(settings)) as client:
+        await client.get("/signin")
+        yield client
+
+
+def _csrf(client) -> dict[str, str]:
+    return {"x-csrftoken": client.cookies["csrftoken"]}
+
+
+async def _sign_in(client, username: str, password: str = TEST_PASSWORD):
+    return await client.post(
+        "/signin", data={"username": username, "password": password}, headers=_csrf(client)
+    )
+
+
+async def test_anonymous_visit_stores_no_session(anonymous, redis):
+    before = len(await redis.keys("gallery:sessions:*"))
+
+    response = await anonymous.get("/signup")
+
+    assert response.status_code == 200
+    assert "session" not in response.cookies
+    assert len(await redis.keys("gallery:sessions:*")) == before
+
+
+async def test_signup_lands_on_empty_gallery(client):
+    page = await client.http.get("/images")
+
+    assert page.status_code == 200
+    assert client.username in page.text
+    assert "No photos yet" in page.text
+
+
+async def test_password_is_stored_as_argon2id(client, redis):
+    user_id = await redis.get(f"gallery:username:{client.username.lower()}")
+
+    stored = await redis.hget(f"gallery:user:{user_id.decode()}", "password_hash")
+
+    assert stored.startswith(b"$argon2id$")
+    assert TEST_PASSWORD.encode() not in stored
+
+
+async def test_signup_with_taken_username_any_case(client, anonymous):
+    response = await anonymous.post(
+        "/signup",
+        data={"username": client.username.upper(), "password": TEST_PASSWORD},
+        headers=_csrf(anonymous),
+    )
+
+    assert response.status_code == 400
+    assert "That username is taken" in response.text
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "message"),
+    [
+        ("ab", TEST_PASSWORD, "Choose a username of 3 to 32"),
+        ("has space", TEST_PASSWORD, "Choose a username of 3 to 32"),
+        ("<script>", TEST_PASSWORD, "Choose a username of 3 to 32"),
+        ("x" * 33, TEST_PASSWORD, "Choose a username of 3 to 32"),
+        ("validname", "short", "Choose a password of 8 to 256"),
+        ("validname", "p" * 257, "Choose a password of 8 to 256"),
+    ],
+)
+async def test_signup_with_invalid_credentials_shows_message(
+    anonymous, username, password, message
+):
+    response = await anonymous.post(
+        "/signup", data={"username": username, "password": password}, headers=_csrf(anonymous)
+    )
+
+    assert response.status_code == 400
+    assert message in response.text
+    assert "session" not in response.cookies
+    assert "session" not in anonymous.cookies
+
+
+async def test_signin_with_wrong_password_or_unknown_user(client, anonymous):
+    wrong_password = await _sign_in(anonymous, client.username, "not the password")
+    unknown_user = await _sign_in(anonymous, f"nobody{secrets.token_hex(4)}")
+
+    for response in (wrong_password, unknown_user):
+        assert response.status_code == 400
+        assert "Wrong username or password." in response.text
+    assert (await anonymous.get("/images", follow_redirects=False)).status_code in (302, 303)
+
+
+async def test_signin_gives_a_new_session_id(client, anonymous):
+    planted = "a" * 64
+    anonymous.cookies.set("session", planted, domain="testserver.local")
+
+    response = await _sign_in(anonymous, client.username)
+
+    assert response.status_code == 200
+    assert anonymous.cookies["session"] != planted
+    assert client.username in (await anonymous.get("/images")).text
+
+
+async def test_signin_removes_the_previous_session(client, anonymous, redis):
+    await _sign_in(anonymous, client.username)
+    first = anonymous.cookies["session"]
+    assert await redis.exists(f"gallery:sessions:{first}") == 1
+
+    await _sign_in(anonymous, client.username)
+
+    assert anonymous.cookies["session"] != first
+    assert await redis.exists(f"gallery:sessions:{first}") == 0
+
+
+async def test_signout_ends_the_session(client):
+    response = await client.http.post("/signout", headers=client.csrf)
+    gallery = await client.http.get("/images", follow_redirects=False)
+
+    assert response.status_code == 200
+    assert gallery.status_code in (302, 303)
+    assert gallery.headers["location"] == "/signin"
+
+
+async def test_signin_without_csrf_token_returns_403(client, anonymous):
+    response = await anonymous.post(
+        "/signin", data={"username": client.username, "password": TEST_PASSWORD}
+    )
+
+    assert response.status_code == 403
+
+
+async def test_session_cookie_is_httponly_and_lax(anonymous, client):
+    response = await _sign_in(anonymous, client.username)
+
+    cookie = next(
+        header
+        for header in response.history[0].headers.get_list("set-cookie")
+        if header.startswith("session=")
+    )
+    assert "HttpOnly" in cookie
+    assert "SameSite=lax" in cookie or "SameSite=Lax" in cookie
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/images"),
+        ("GET", "/images/0123/tile"),
+        ("GET", "/images/0123/original"),
+        ("POST", "/uploads"),
+        ("POST", "/uploads/0123/complete"),
+        ("DELETE", "/images/0123"),
+    ],
+)
+async def test_protected_route_without_session(anonymous, method, path):
+    page = await anonymous.request(method, path, headers=_csrf(anonymous), follow_redirects=False)
+    fragment = await anonymous.request(
+        method, path, headers={**_csrf(anonymous), **HTMX}, follow_redirects=False
+    )
+
+    assert page.status_code in (302, 303)
+    assert page.headers["location"] == "/signin"
+    assert fragment.status_code == 401
+    assert fragment.headers["hx-redirect"] == "/signin"
+
+
+async def test_home_sends_visitors_to_signin_and_users_to_gallery(client, anonymous):
+    visitor = await anonymous.get("/", follow_redirects=False)
+    user = await client.http.get("/", follow_redirects=False)
+
+    assert visitor.headers["location"] == "/signin"
+    assert user.headers["location"] == "/images"
