@@ -47,6 +47,8 @@ class WorkerSettings:
     job_timeout = 300
     # No kept results: a job id then blocks a duplicate only while the job is queued or runs.
     keep_result = 0
+    # `gallery worker --check` reads the health record, so it must be fresh.
+    health_check_interval = 30
 
 
 def make_worker(settings: Settings, **overrides: Any) -> Worker:

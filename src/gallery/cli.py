@@ -44,11 +44,21 @@ def serve() -> None:
 
 
 @main.command()
-def worker() -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit with 0 when a worker has reported itself healthy in the last 30 s, else 1.",
+)
+def worker(check: bool) -> None:
     """Run one arq worker: it verifies uploads, makes thumbnails and purges abandoned uploads."""
+    from arq.connections import RedisSettings
+    from arq.worker import async_check_health
+
     from worker.settings import make_worker
 
     settings = _require_services(_load_settings())
+    if check:
+        sys.exit(asyncio.run(async_check_health(RedisSettings.from_dsn(settings.redis_url))))
     make_worker(settings).run()
 
 
