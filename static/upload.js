@@ -1,4 +1,4 @@
-// Uploads each chosen file straight to S3 with a presigned POST form, then tells the app.
+// Uploads each chosen file straight to S3 with a presigned POST form, then reports it done.
 // The request to S3 is a plain XMLHttpRequest: htmx headers on it would trigger CORS
 // preflights, and XMLHttpRequest reports upload progress.
 "use strict";
@@ -29,6 +29,16 @@
     return { row, bar, state };
   }
 
+  // The server renders the count once; the page keeps it in step as tiles come and go.
+  function changeCount(delta) {
+    const element = document.getElementById("count");
+    const count = Number(element.dataset.count) + delta;
+    element.dataset.count = count;
+    element.textContent = count + (count === 1 ? " image" : " images");
+    element.hidden = count === 0;
+    document.getElementById("empty").hidden = count !== 0;
+  }
+
   function setState(view, text, kind) {
     view.state.textContent = text;
     view.row.dataset.state = kind;
@@ -42,7 +52,8 @@
       return "rejected: only JPEG, PNG, WebP and GIF images can be uploaded";
     }
     if (file.size < 1 || file.size > maxBytes) {
-      return "rejected: larger than the " + (maxBytes / 1048576).toFixed(1) + " MiB limit";
+      const limitMiB = Number((maxBytes / 1048576).toFixed(1));
+      return "rejected: larger than the " + limitMiB + " MiB limit";
     }
     return null;
   }
@@ -56,7 +67,7 @@
     });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
-      throw new Error(body.error || body.detail || "the server answered " + response.status);
+      throw new Error(body.error || body.detail || "the server returned status " + response.status);
     }
     return body;
   }
@@ -95,8 +106,6 @@
       await postToS3(form, file, view);
       view.bar.value = 100;
       setState(view, "verifying", "verifying");
-      const empty = document.getElementById("empty");
-      if (empty) empty.remove();
       await htmx.ajax("POST", form.complete_url, {
         source: "#grid",
         target: "#grid",
@@ -145,6 +154,14 @@
       event.preventDefault();
       addFiles(Array.from(event.dataTransfer.files), uploader);
     });
+  });
+
+  // Counts a tile that an upload added to the grid or that a delete button removed.
+  document.addEventListener("htmx:afterRequest", (event) => {
+    if (!event.detail.successful) return;
+    const verb = event.detail.requestConfig.verb.toLowerCase();
+    if (verb === "post" && event.detail.elt.id === "grid") changeCount(1);
+    if (verb === "delete") changeCount(-1);
   });
 
   // htmx drops error bodies by default; show them in the message area instead.

@@ -175,7 +175,7 @@ async def test_protected_route_without_session(anonymous, method, path):
     assert fragment.headers["hx-redirect"] == "/signin"
 
 
-async def test_home_sends_visitors_to_signin_and_users_to_gallery(client, anonymous):
+async def test_home_redirects_by_session(client, anonymous):
     visitor = await anonymous.get("/", follow_redirects=False)
     user = await client.http.get("/", follow_redirects=False)
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 MAX_TRIES = 5
 
-# What an upload's tile says when its file never reached the bucket or was changed.
+# Reasons shown on an upload's tile when its object is missing, changed or unreadable.
 REASON_MISSING = "the file never arrived"
 REASON_TOO_LARGE = "too large"
 REASON_WRONG_TYPE = "type does not match"

@@ -25,8 +25,8 @@ def run_dev(settings: Settings) -> None:
 
     from gallery.app import create_app
 
-    # uvicorn raises SIGTERM again once it has shut down; as SystemExit it unwinds the stack
-    # below, which stops the worker and the servers, instead of ending the process at once.
+    # uvicorn raises SIGTERM again after its shutdown. As SystemExit, the signal unwinds the
+    # stack below, so the worker and the servers stop before the process ends.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     with ExitStack() as stack:
         if settings.uses_embedded_services:

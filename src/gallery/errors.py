@@ -1,4 +1,4 @@
-"""Exception handlers that turn expected errors into pages or htmx answers."""
+"""Exception handlers that turn expected errors into pages or htmx responses."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ PREFIX = "gallery"
 
 
 class State(StrEnum):
-    """Where an upload is in its life."""
+    """The stage an upload has reached."""
 
     ISSUED = "issued"  # a form was signed; the browser may be posting the file
     UPLOADED = "uploaded"  # the browser reported the upload done; verification is queued

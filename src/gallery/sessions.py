@@ -18,8 +18,8 @@ class SessionBackend(ServerSideSessionBackend):
 
     An empty session is neither stored nor sent as a cookie, so anonymous visitors leave no
     key in Redis. A handler that sets `rotate_session` in the request state moves the
-    session to a new id: Litestar keeps the id from the request's cookie for as long as the
-    cookie exists, so an id planted before sign-in would otherwise carry the new session.
+    session to a new id. Litestar keeps the id from the request's cookie while the cookie
+    exists, so without the move an id planted before sign-in would carry the new session.
     """
 
     async def store_in_message(

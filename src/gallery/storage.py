@@ -21,7 +21,8 @@ from gallery.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# What the upload form may be signed for. Never SVG or HTML: a browser runs their scripts.
+# Content types an upload form may be signed for. Never SVG or HTML, because a browser
+# runs the scripts inside them.
 ALLOWED_UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
 
 # DeleteObjects takes at most this many keys per request.
@@ -240,7 +241,7 @@ def attachment_disposition(filename: str) -> str:
     """Return a Content-Disposition for a download that keeps a non-ASCII name.
 
     The plain `filename` is an ASCII fallback with quotes, backslashes and control
-    characters replaced, so a name cannot add header parameters; `filename*` carries the
+    characters replaced, so a name cannot add header parameters. `filename*` carries the
     exact name, percent-encoded as RFC 6266 and RFC 5987 describe.
     """
     fallback = "".join(
