@@ -7,9 +7,10 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from arq import create_pool
+from arq.connections import ArqRedis, RedisSettings
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from redis.asyncio import Redis
 
 from gallery.app import create_app
 from gallery.embedded import EmbeddedRedis, EmbeddedS3
@@ -88,8 +89,9 @@ async def store(settings: Settings) -> AsyncIterator[Storage]:
 
 
 @pytest.fixture(scope="session")
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
+async def redis(settings: Settings) -> AsyncIterator[ArqRedis]:
+    """Hand over a client of the session's Redis that can also queue jobs, as the app's does."""
+    client = await create_pool(RedisSettings.from_dsn(settings.redis_url))
     yield client
     await client.aclose()
 

@@ -1,0 +1,143 @@
+"""The worker's jobs on SeaweedFS: checks against the upload record, races, and purging."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import httpx
+
+from gallery import index
+from gallery.index import State
+from gallery.storage import Storage
+from tests.support import make_jpeg, post_to_s3
+from worker.jobs import purge_abandoned
+
+
+async def _issue_form(client, data: bytes, name: str = "photo.jpg") -> dict:
+    response = await client.request_form(name, "image/jpeg", len(data))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def test_object_with_other_owner_is_rejected(client, run_worker, store, redis):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    key = form["fields"]["key"]
+    # Written with the server's own keys, as only a holder of them could: S3 would reject a
+    # form whose owner field differs from the signed one.
+    await store.write(key, data, content_type="image/jpeg", metadata={"owner": "someone-else"})
+
+    await client.complete(form["id"])
+    await run_worker()
+    tile = await client.tile(form["id"])
+
+    assert "Rejected: not uploaded with this account" in tile.text
+    assert await store.head(key) is None
+
+
+async def test_object_with_other_type_is_rejected(client, run_worker, store, redis):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    owner = form["fields"]["x-amz-meta-owner"]
+    await store.write(
+        form["fields"]["key"], data, content_type="image/png", metadata={"owner": owner}
+    )
+
+    await client.complete(form["id"])
+    await run_worker()
+
+    assert "Rejected: type does not match" in (await client.tile(form["id"])).text
+
+
+async def test_complete_without_object_is_rejected(client, run_worker):
+    form = await _issue_form(client, make_jpeg())
+
+    await client.complete(form["id"])
+    await run_worker()
+
+    assert "Rejected: the file never arrived" in (await client.tile(form["id"])).text
+
+
+async def test_delete_while_processing_leaves_nothing(client, run_worker, store, redis):
+    upload_id = await client.upload(make_jpeg())
+    user_id = (await index.get_upload(redis, upload_id)).user_id
+
+    deleted = await client.delete(upload_id)
+    await run_worker()
+
+    assert deleted.status_code == 200
+    assert await index.get_upload(redis, upload_id) is None
+    assert [key async for key in store.list_keys(f"u/{user_id}/")] == []
+
+
+async def test_complete_of_other_users_upload_returns_404(make_client, run_worker, redis):
+    alice = await make_client()
+    bob = await make_client()
+    data = make_jpeg()
+    form = await _issue_form(alice, data)
+    assert (await post_to_s3(form, data)).status_code == 201
+
+    response = await bob.complete(form["id"])
+
+    assert response.status_code == 404
+    assert (await index.get_upload(redis, form["id"])).state == State.ISSUED
+
+
+async def test_purge_requeues_upload_whose_job_went_missing(
+    client, run_worker, store, redis, settings
+):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    assert (await post_to_s3(form, data)).status_code == 201
+    upload = await index.get_upload(redis, form["id"])
+    await index.mark_uploaded(redis, upload)
+    await redis.zadd(index.PENDING_KEY, {upload.id: time.time() - 3600})
+    await redis.delete(f"gallery:lock:purge:{int(time.time() // 60)}")
+    ctx = {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=60)}
+
+    purged = await purge_abandoned(ctx)
+    await run_worker()
+
+    assert purged == 0
+    assert (await index.get_upload(redis, upload.id)).state == State.READY
+
+
+async def test_delete_sends_batches_of_at_most_1000(settings):
+    calls: list[int] = []
+    async with Storage.open(settings) as store:
+        original = store._client.delete_objects
+
+        async def record(**kwargs):
+            calls.append(len(kwargs["Delete"]["Objects"]))
+            return await original(**kwargs)
+
+        store._client.delete_objects = record
+        sent = await store.delete(f"u/nobody/incoming/{number:05d}" for number in range(2001))
+
+    assert sent == 2001
+    assert calls == [1000, 1000, 1]
+
+
+async def test_public_endpoint_names_the_browsers_host(s3_server, settings, store):
+    key = "u/nobody/t/public.webp"
+    await store.write(key, b"thumbnail", content_type="image/webp", metadata={})
+    port = s3_server.endpoint_url.rsplit(":", 1)[1]
+    public = replace(settings, s3_public_endpoint_url=f"http://localhost:{port}")
+
+    async with Storage.open(public) as public_store:
+        url = await public_store.presign_get(key)
+        form = await public_store.presign_upload(
+            "u/nobody/incoming/public",
+            content_type="image/jpeg",
+            owner="nobody",
+            max_bytes=100,
+            expires_in=60,
+        )
+    async with httpx.AsyncClient() as http:
+        response = await http.get(url)
+
+    assert url.startswith(f"http://localhost:{port}/")
+    assert form.url.startswith(f"http://localhost:{port}/")
+    assert response.status_code == 200
+    assert response.content == b"thumbnail"
