@@ -20,6 +20,7 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Body
 from litestar.response import Redirect, Template
+from litestar.status_codes import HTTP_303_SEE_OTHER
 from redis.asyncio import Redis
 
 from gallery.index import PREFIX
@@ -134,7 +135,7 @@ async def sign_up(
         context = {"error": str(error), "username": username}
         return Template("signup.html", context=context, status_code=400)
     _start_session(request, user)
-    return Redirect(request.app.route_reverse("images:gallery"))
+    return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
 
 
 @get("/signin", name="accounts:signin-page")
@@ -153,13 +154,15 @@ async def sign_in(
         context = {"error": "Wrong username or password.", "username": username}
         return Template("signin.html", context=context, status_code=400)
     _start_session(request, user)
-    return Redirect(request.app.route_reverse("images:gallery"))
+    return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
 
 
 @post("/signout", name="accounts:signout")
 async def sign_out(request: Request[Any, Any, Any]) -> Redirect:
     request.clear_session()
-    return Redirect(request.app.route_reverse("accounts:signin-page"))
+    return Redirect(
+        request.app.route_reverse("accounts:signin-page"), status_code=HTTP_303_SEE_OTHER
+    )
 
 
 router = Router(path="/", route_handlers=[show_signup, sign_up, show_signin, sign_in, sign_out])

@@ -13,7 +13,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
 from litestar.response import Redirect, Template
-from litestar.status_codes import HTTP_200_OK, HTTP_400_BAD_REQUEST
+from litestar.status_codes import HTTP_200_OK, HTTP_303_SEE_OTHER, HTTP_400_BAD_REQUEST
 
 from gallery import index, jobs, storage
 from gallery.accounts import current_user, require_user
@@ -153,7 +153,7 @@ async def complete_upload(
     if await index.mark_uploaded(redis, upload):
         await jobs.enqueue_verify(redis, upload.id)
     if not request.htmx:
-        return Redirect(request.app.route_reverse("images:gallery"))
+        return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
     tiles = await make_tiles([upload], store)
     return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]})
 
