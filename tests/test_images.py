@@ -54,6 +54,7 @@ async def test_thumbnail_url_serves_webp_within_box(client, run_worker):
 
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/webp"
+    assert response.headers["content-disposition"] == "inline"
     with Image.open(io.BytesIO(response.content)) as thumbnail:
         assert thumbnail.format == "WEBP"
         assert thumbnail.size == (256, 128)

@@ -126,7 +126,7 @@ async def test_public_endpoint_names_the_browsers_host(s3_server, settings, stor
     public = replace(settings, s3_public_endpoint_url=f"http://localhost:{port}")
 
     async with Storage.open(public) as public_store:
-        url = await public_store.presign_get(key)
+        url = await public_store.presign_get(key, content_type="image/webp")
         form = await public_store.presign_upload(
             "u/nobody/incoming/public",
             content_type="image/jpeg",

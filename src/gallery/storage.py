@@ -162,16 +162,22 @@ class Storage:
         self,
         key: str,
         *,
-        content_type: str | None = None,
+        content_type: str,
         download_name: str | None = None,
         expires_in: int | None = None,
     ) -> str:
-        """Sign a short-lived GET URL for one object, as a download when a name is given."""
-        params: dict[str, str] = {"Bucket": self.bucket, "Key": key}
-        if content_type:
-            params["ResponseContentType"] = content_type
-        if download_name is not None:
-            params["ResponseContentDisposition"] = attachment_disposition(download_name)
+        """Sign a short-lived GET URL for one object, served as the given verified type.
+
+        The object is shown inline, or downloaded under `download_name` when one is given.
+        S3 sends the type and disposition chosen here, whatever the object's metadata says.
+        """
+        disposition = "inline" if download_name is None else attachment_disposition(download_name)
+        params = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "ResponseContentType": content_type,
+            "ResponseContentDisposition": disposition,
+        }
         return await self._presign_client.generate_presigned_url(
             "get_object",
             Params=params,
