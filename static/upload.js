@@ -18,6 +18,7 @@
     const name = document.createElement("span");
     name.className = "upload-name";
     name.textContent = file.name;
+    name.title = file.name;
     const bar = document.createElement("progress");
     bar.max = 100;
     bar.value = 0;
@@ -29,7 +30,7 @@
     return { row, bar, state };
   }
 
-  // The server renders the count once; the page keeps it in step as tiles come and go.
+  // The server renders the count with the page, and this keeps it in step as tiles come and go.
   function changeCount(delta) {
     const element = document.getElementById("count");
     const count = Number(element.dataset.count) + delta;

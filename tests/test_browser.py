@@ -1,0 +1,374 @@
+"""Chromium against the served app and a worker process: sign-up, uploads, grid and delete.
+
+Screenshots and the two processes' logs go to `test-artifacts/` in the repository root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Error,
+    Page,
+    async_playwright,
+    expect,
+)
+
+from gallery.embedded import free_port
+from gallery.settings import Settings
+from gallery.storage import Storage
+from tests.support import TEST_MAX_UPLOAD_BYTES, TEST_PASSWORD
+
+pytestmark = pytest.mark.browser
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+
+CHROMIUM_PATH = Path("/usr/bin/chromium")
+# The background-networking, component-update and sync switches keep chromium from
+# contacting Google's servers during the test.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Timeout of every Playwright wait, in milliseconds. It covers an upload, its job and its thumbnail.
+TIMEOUT_MS = 30_000
+STARTUP_SECONDS = 30
+
+DESKTOP_VIEWPORT = {"width": 1280, "height": 800}
+PHONE_VIEWPORT = {"width": 390, "height": 844}
+
+PHOTOS = ("cameras/Canon_40D.jpg", "gps/DSCN0010.jpg", "orientation/Portrait_6.jpg")
+
+# Pixels of page width that do not fit the viewport and need horizontal scrolling.
+HORIZONTAL_OVERFLOW = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+
+# True once `count` tiles show a thumbnail that the browser has fetched and decoded.
+ALL_THUMBNAILS_LOADED = """
+(count) => {
+  const images = Array.from(document.querySelectorAll(".tile img"));
+  return images.length === count && images.every((image) => image.complete && image.naturalWidth > 0);
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> Path:
+    """Hand over Debian's chromium, or skip where it is missing. In CI a missing one fails."""
+    if CHROMIUM_PATH.is_file():
+        return CHROMIUM_PATH
+    message = f"chromium not found at {CHROMIUM_PATH}. Install Debian's chromium package."
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+async def served_settings(settings: Settings, store: Storage) -> Settings:
+    """Hand over the session's settings on a free port, with the bucket's CORS rules for it.
+
+    The session's own origin stays in the rules, so other tests see the bucket unchanged.
+    """
+    served = replace(settings, port=free_port())
+    await store.ensure_bucket([settings.app_url, served.app_url])
+    return served
+
+
+@pytest.fixture(scope="module")
+async def base_url(served_settings: Settings) -> AsyncIterator[str]:
+    """Hand over the URL of `gallery serve` running in a child process for this module."""
+    log_path = ARTIFACTS_DIR / "browser-app.log"
+    with _child_process("serve", served_settings, log_path) as process:
+        await _wait_until_serving(process, served_settings.app_url, log_path)
+        yield served_settings.app_url
+
+
+@pytest.fixture(scope="module")
+async def worker(served_settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """Hand over a `gallery worker` child process, started and stopped with this module."""
+    log_path = ARTIFACTS_DIR / "browser-worker.log"
+    with _child_process("worker", served_settings, log_path) as process:
+        await _wait_for_log_line(process, log_path, "worker started")
+        yield process
+
+
+@pytest.fixture(scope="module")
+async def browser(chromium_path: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium_path, args=CHROMIUM_ARGS
+        )
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+def console_errors() -> list[str]:
+    """Hand over the list that the `page` fixture fills with console errors and page errors."""
+    return []
+
+
+@pytest.fixture
+async def page(browser: Browser, console_errors: list[str]) -> AsyncIterator[Page]:
+    """Hand over a page in a fresh browser context, so that no cookie carries over."""
+    context = await browser.new_context(viewport=DESKTOP_VIEWPORT)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = await context.new_page()
+
+    def record_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            console_errors.append(f"console: {message.text} at {message.location}")
+
+    def record_page_error(error: Error) -> None:
+        console_errors.append(f"page error: {error.message}")
+
+    page.on("console", record_console)
+    page.on("pageerror", record_page_error)
+    yield page
+    await context.close()
+
+
+@pytest.fixture(autouse=True)
+def _set_expect_timeout() -> None:
+    expect.set_options(timeout=TIMEOUT_MS)
+
+
+async def test_upload_three_photos_then_delete_one(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    served_settings: Settings,
+    store: Storage,
+    corpus_dir: Path,
+    console_errors: list[str],
+) -> None:
+    cors_origins = [
+        origin
+        for rule in await store.bucket_cors_rules()
+        for origin in rule.get("AllowedOrigins", [])
+    ]
+    assert served_settings.app_url in cors_origins
+
+    await page.goto(f"{base_url}/signup")
+    await expect(page.get_by_role("heading", name="Sign up")).to_be_visible()
+    await save_screenshot(page, "1-signup")
+    username = await sign_up(page, base_url)
+
+    await expect(page.locator(".who")).to_have_text(username)
+    await expect(page.locator("#empty")).to_contain_text("No photos yet")
+    await expect(page.locator("#empty")).to_be_visible()
+    await expect(page.locator("#count")).to_be_hidden()
+    await save_screenshot(page, "2-empty-gallery")
+
+    await page.locator("#file-input").set_input_files([corpus_dir / photo for photo in PHOTOS])
+    await expect(page.locator(".upload-row")).to_have_count(len(PHOTOS))
+    await save_screenshot(page, "3-uploading")
+
+    rows = page.locator(".upload-row")
+    for index in range(len(PHOTOS)):
+        # The text first, because on failure it carries the error that upload.js caught.
+        await expect(rows.nth(index).locator(".upload-state")).to_have_text("uploaded")
+        await expect(rows.nth(index)).to_have_attribute("data-state", "done")
+    await expect(page.locator(".tile")).to_have_count(len(PHOTOS))
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(PHOTOS))
+    await expect(page.locator("#empty")).to_be_hidden()
+    await expect(page.locator("#count")).to_have_text("3 images")
+    portrait = await thumbnail_size(page, "Portrait_6.jpg")
+    await save_screenshot(page, "4-three-thumbnails")
+    await page.set_viewport_size(PHONE_VIEWPORT)
+    phone_overflow = await page.evaluate(HORIZONTAL_OVERFLOW)
+    await save_screenshot(page, "4-three-thumbnails-phone")
+    await page.set_viewport_size(DESKTOP_VIEWPORT)
+
+    dialogs: list[str] = []
+
+    async def accept_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", accept_dialog)
+    deleted_tile = page.locator(".tile", has=page.get_by_alt_text("DSCN0010.jpg"))
+    await deleted_tile.get_by_role("button", name="Delete").click()
+    await expect(page.locator(".tile")).to_have_count(len(PHOTOS) - 1)
+    await expect(page.locator("#count")).to_have_text("2 images")
+
+    await page.reload()
+    await expect(page.locator(".tile")).to_have_count(len(PHOTOS) - 1)
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(PHOTOS) - 1)
+    await expect(page.get_by_alt_text("DSCN0010.jpg")).to_have_count(0)
+    await expect(page.locator("#count")).to_have_text("2 images")
+    await save_screenshot(page, "5-after-delete")
+
+    assert portrait["height"] > portrait["width"], portrait
+    assert phone_overflow == 0
+    assert dialogs == ["Delete DSCN0010.jpg?"]
+    assert console_errors == []
+
+
+async def test_page_rejects_files_before_upload(
+    page: Page, base_url: str, console_errors: list[str]
+) -> None:
+    upload_requests: list[str] = []
+    page.on(
+        "request",
+        lambda request: upload_requests.append(request.url) if "/uploads" in request.url else None,
+    )
+    await sign_up(page, base_url)
+    files = [
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"shopping list\n"},
+        {"name": "drawing.svg", "mimeType": "image/svg+xml", "buffer": b"<svg></svg>"},
+        {
+            "name": "huge.jpg",
+            "mimeType": "image/jpeg",
+            "buffer": b"\xff\xd8" + bytes(TEST_MAX_UPLOAD_BYTES),
+        },
+    ]
+
+    await page.locator("#file-input").set_input_files(files)
+
+    rows = page.locator(".upload-row")
+    await expect(rows).to_have_count(len(files))
+    for index in range(len(files)):
+        await expect(rows.nth(index)).to_have_attribute("data-state", "failed")
+    wrong_type = "rejected: only JPEG, PNG, WebP and GIF images can be uploaded"
+    await expect(rows.nth(0)).to_contain_text(wrong_type)
+    await expect(rows.nth(1)).to_contain_text(wrong_type)
+    await expect(rows.nth(2)).to_contain_text("rejected: larger than the 5 MiB limit")
+    await expect(page.locator("#empty")).to_be_visible()
+    await save_screenshot(page, "6-rejected-in-page")
+    await page.set_viewport_size(PHONE_VIEWPORT)
+    phone_overflow = await page.evaluate(HORIZONTAL_OVERFLOW)
+    await save_screenshot(page, "6-rejected-in-page-phone")
+
+    assert upload_requests == []
+    assert phone_overflow == 0
+    assert await page.locator(".tile").count() == 0
+    assert console_errors == []
+
+
+async def test_text_file_named_jpg_is_rejected_by_worker(
+    page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+    # A browser takes the type from the extension, so this passes the page's check.
+    fake = {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"shopping list\n" * 20}
+
+    await page.locator("#file-input").set_input_files([fake])
+
+    tile = page.locator(".tile")
+    await expect(tile).to_have_count(1)
+    await expect(tile.locator(".reason")).to_have_text("Rejected: not an image")
+    await save_screenshot(page, "7-rejected-by-worker")
+    page.on("dialog", lambda dialog: dialog.accept())
+    await tile.get_by_role("button", name="Dismiss").click()
+    await expect(tile).to_have_count(0)
+    await page.reload()
+    await expect(page.locator("#empty")).to_be_visible()
+
+    assert console_errors == []
+
+
+async def sign_up(page: Page, base_url: str) -> str:
+    """Sign up as a new user through the form and return the username."""
+    username = f"browser{secrets.token_hex(4)}"
+    if not page.url.endswith("/signup"):
+        await page.goto(f"{base_url}/signup")
+    await page.get_by_label("Username").fill(username)
+    await page.get_by_label("Password").fill(TEST_PASSWORD)
+    await page.get_by_role("button", name="Sign up").click()
+    await expect(page).to_have_url(f"{base_url}/images")
+    return username
+
+
+async def thumbnail_size(page: Page, filename: str) -> dict[str, int]:
+    """Return the pixel size of the thumbnail file that the tile of `filename` shows."""
+    return await page.get_by_alt_text(filename).evaluate(
+        "(image) => ({width: image.naturalWidth, height: image.naturalHeight})"
+    )
+
+
+async def save_screenshot(page: Page, name: str) -> None:
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS_DIR / f"browser-{name}.png", full_page=True)
+
+
+@contextmanager
+def _child_process(
+    command: str, settings: Settings, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m gallery.cli COMMAND` with these settings, as production runs it."""
+    log_path.parent.mkdir(exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gallery.cli", command],
+            cwd=REPO_ROOT,
+            env={**os.environ, **settings.to_env()},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    async with httpx.AsyncClient(timeout=2) as http:
+        while True:
+            _check_running(process, log_path)
+            try:
+                response = await http.get(f"{url}/signin")
+                if response.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{url}/signin did not return 200 within {STARTUP_SECONDS} s, see {log_path}"
+                )
+            await asyncio.sleep(0.1)
+
+
+async def _wait_for_log_line(process: subprocess.Popen[bytes], log_path: Path, line: str) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while line not in log_path.read_text(errors="replace"):
+        _check_running(process, log_path)
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"timed out after {STARTUP_SECONDS} s waiting for {line!r} in {log_path}"
+            )
+        await asyncio.sleep(0.1)
+
+
+def _check_running(process: subprocess.Popen[bytes], log_path: Path) -> None:
+    if process.poll() is not None:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"{process.args} exited with code {process.returncode}:\n{tail}")
