@@ -74,8 +74,9 @@ async def test_signup_with_taken_username_any_case(client, anonymous):
         ("has space", TEST_PASSWORD, "Choose a username of 3 to 32"),
         ("<script>", TEST_PASSWORD, "Choose a username of 3 to 32"),
         ("x" * 33, TEST_PASSWORD, "Choose a username of 3 to 32"),
-        ("validname", "short", "Choose a password of 8 to 256"),
-        ("validname", "p" * 257, "Choose a password of 8 to 256"),
+        ("validname", "short", "Choose a password of 10 to 256"),
+        ("validname", "ninechars", "Choose a password of 10 to 256"),
+        ("validname", "p" * 257, "Choose a password of 10 to 256"),
     ],
 )
 async def test_signup_with_invalid_credentials_shows_message(

@@ -248,6 +248,7 @@ async def test_grid_pages_newest_first_past_1000(client, redis, settings):
             content_type="image/jpeg",
             max_bytes=1,
             form_seconds=60,
+            max_pending=10**6,
         )
         await index.mark_uploaded(redis, upload)
         created.append(upload.id)
@@ -274,6 +275,7 @@ async def test_grid_fragment_with_and_without_htmx(client, redis, settings):
             content_type="image/jpeg",
             max_bytes=1,
             form_seconds=60,
+            max_pending=10**6,
         )
         await index.mark_uploaded(redis, upload)
     first_page = await client.http.get("/images")

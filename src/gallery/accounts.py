@@ -20,16 +20,21 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Body
 from litestar.response import Redirect, Template
-from litestar.status_codes import HTTP_303_SEE_OTHER
+from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_429_TOO_MANY_REQUESTS
 from redis.asyncio import Redis
 
+from gallery import limits
 from gallery.index import PREFIX
+from gallery.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{3,32}")
-MIN_PASSWORD_LENGTH = 8
+MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 256
+# Longer input cannot be a valid username; it is cut before it is logged or counted.
+MAX_USERNAME_INPUT = 64
+SIGNIN_WINDOW_SECONDS = 15 * 60
 
 _hasher = PasswordHasher()
 # Verified against when a username is unknown, so both cases cost one argon2 hash.
@@ -145,14 +150,41 @@ async def show_signin() -> Template:
 
 @post("/signin", name="accounts:signin")
 async def sign_in(
-    request: Request[Any, Any, Any], data: Form, redis: NamedDependency[Redis]
+    request: Request[Any, Any, Any],
+    data: Form,
+    redis: NamedDependency[Redis],
+    settings: NamedDependency[Settings],
 ) -> Template | Redirect:
-    username = data.get("username", "").strip()
+    username = data.get("username", "").strip()[:MAX_USERNAME_INPUT]
+    address = request.client.host if request.client else "unknown"
+    # Both counters are checked before the password, so a throttled guess costs no hash.
+    account_limit = f"signin:account:{username.lower()}"
+    address_limit = f"signin:address:{address}"
+    wait = max(
+        await limits.seconds_until_allowed(
+            redis, account_limit, settings.signin_failures_per_account
+        ),
+        await limits.seconds_until_allowed(
+            redis, address_limit, settings.signin_failures_per_address
+        ),
+    )
+    if wait:
+        logger.warning("sign-in throttled for username %r from %s", username, address)
+        minutes = -(-wait // 60)
+        error = (
+            f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes > 1 else ''}."
+        )
+        context = {"error": error, "username": username}
+        return Template("signin.html", context=context, status_code=HTTP_429_TOO_MANY_REQUESTS)
+
     user = await authenticate(redis, username, data.get("password", ""))
     if user is None:
-        logger.warning("failed sign-in for username %r", username[:64])
+        logger.warning("failed sign-in for username %r from %s", username, address)
+        await limits.record(redis, account_limit, SIGNIN_WINDOW_SECONDS)
+        await limits.record(redis, address_limit, SIGNIN_WINDOW_SECONDS)
         context = {"error": "Wrong username or password.", "username": username}
         return Template("signin.html", context=context, status_code=400)
+    await limits.reset(redis, account_limit)
     _start_session(request, user)
     return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
 

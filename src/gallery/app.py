@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
@@ -26,11 +27,31 @@ from gallery.storage import Storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
+def security_headers(settings: Settings) -> dict[str, str]:
+    """Return the headers every response carries.
+
+    Scripts and styles come only from our own static files. Images, the upload request and
+    the no-JavaScript upload form may also reach the S3 endpoint that presigned URLs name.
+    No Referer is sent, so a page's URL never travels to S3 or elsewhere.
+    """
+    s3 = _origin(settings.presign_endpoint_url)
+    policy = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; "
+        f"img-src 'self' {s3}; connect-src 'self' {s3}; form-action 'self' {s3}; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cross-Origin-Opener-Policy": "same-origin",
+    }
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def provide_store(state: State) -> Storage:
@@ -70,10 +91,10 @@ def create_app(settings: Settings) -> Litestar:
         stores={
             "sessions": RedisStore.with_client(url=settings.redis_url, namespace="gallery:sessions")
         },
-        middleware=[SessionConfig(secure=settings.secure_cookies).middleware],
+        middleware=[SessionConfig(secure=settings.cookies_secure).middleware],
         csrf_config=CSRFConfig(
             secret=settings.secret_key,
-            cookie_secure=settings.secure_cookies,
+            cookie_secure=settings.cookies_secure,
             cookie_httponly=True,
         ),
         template_config=TemplateConfig(
@@ -84,5 +105,5 @@ def create_app(settings: Settings) -> Litestar:
             NotAuthorizedException: errors.redirect_to_signin,
             NotFoundException: errors.show_not_found,
         },
-        response_headers=SECURITY_HEADERS,
+        response_headers=security_headers(settings),
     )

@@ -13,9 +13,14 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
 from litestar.response import Redirect, Template
-from litestar.status_codes import HTTP_200_OK, HTTP_303_SEE_OTHER, HTTP_400_BAD_REQUEST
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_303_SEE_OTHER,
+    HTTP_400_BAD_REQUEST,
+    HTTP_429_TOO_MANY_REQUESTS,
+)
 
-from gallery import index, jobs, storage
+from gallery import index, jobs, limits, storage
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -24,6 +29,9 @@ from gallery.storage import Storage
 logger = logging.getLogger(__name__)
 
 MAX_FILENAME_LENGTH = 255
+
+# What a browser is told to wait before asking again when too many uploads are pending.
+PENDING_RETRY_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -105,14 +113,30 @@ async def create_upload(
     if problem:
         return Response({"error": problem}, status_code=HTTP_400_BAD_REQUEST)
 
-    upload = await index.create_upload(
-        redis,
-        user_id=user_id,
-        filename=data.filename.strip()[:MAX_FILENAME_LENGTH],
-        content_type=data.content_type,
-        max_bytes=settings.max_upload_bytes,
-        form_seconds=settings.upload_form_seconds,
-    )
+    limit_name = f"upload-forms:{user_id}"
+    wait = await limits.seconds_until_allowed(redis, limit_name, settings.upload_forms_per_minute)
+    if wait:
+        logger.warning("user %s is over the upload form rate limit", user_id)
+        message = f"Too many uploads at once. Wait {wait} seconds, then try again."
+        return _too_many_requests(message, wait)
+    await limits.record(redis, limit_name, window_seconds=60)
+    try:
+        upload = await index.create_upload(
+            redis,
+            user_id=user_id,
+            filename=data.filename.strip()[:MAX_FILENAME_LENGTH],
+            content_type=data.content_type,
+            max_bytes=settings.max_upload_bytes,
+            form_seconds=settings.upload_form_seconds,
+            max_pending=settings.max_pending_uploads,
+        )
+    except index.TooManyPendingUploads:
+        logger.warning("user %s has %d uploads pending", user_id, settings.max_pending_uploads)
+        message = (
+            f"{settings.max_pending_uploads} uploads are still being checked. "
+            "Wait for them to finish, then try again."
+        )
+        return _too_many_requests(message, PENDING_RETRY_SECONDS)
     form = await store.presign_upload(
         storage.incoming_key(user_id, upload.id),
         content_type=upload.content_type,
@@ -124,6 +148,11 @@ async def create_upload(
     complete_url = request.app.route_reverse("images:complete-upload", upload_id=upload.id)
     body = {"id": upload.id, "url": form.url, "fields": form.fields, "complete_url": complete_url}
     return Response(body)
+
+
+def _too_many_requests(message: str, retry_after: int) -> Response[dict[str, Any]]:
+    headers = {"Retry-After": str(retry_after)}
+    return Response({"error": message}, status_code=HTTP_429_TOO_MANY_REQUESTS, headers=headers)
 
 
 def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None:

@@ -59,6 +59,15 @@ def _grid_key(user_id: str) -> str:
 PENDING_KEY = f"{PREFIX}:pending"
 
 
+def _user_pending_key(user_id: str) -> str:
+    """Return the key of the set of a user's uploads that are not ready or rejected yet."""
+    return f"{PREFIX}:user-pending:{user_id}"
+
+
+class TooManyPendingUploads(Exception):
+    """The user already has the maximum number of uploads waiting to be verified."""
+
+
 # Lua scripts run atomically in Redis, so two requests or jobs cannot both make a move.
 _MARK_UPLOADED = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'issued' then return 0 end
@@ -67,8 +76,18 @@ redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return 1
 """
 
+# The cap check and the insert happen in one step, so parallel requests cannot pass it.
+_CREATE = """
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
 # A record deleted by its owner while a job ran must not come back.
 _FINISH = """
+redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -112,8 +131,13 @@ async def create_upload(
     content_type: str,
     max_bytes: int,
     form_seconds: int,
+    max_pending: int,
 ) -> Upload:
-    """Record an upload whose form is about to be signed."""
+    """Record an upload whose form is about to be signed.
+
+    Raises TooManyPendingUploads when the user already has `max_pending` uploads that are
+    neither ready nor rejected.
+    """
     now = time.time()
     upload = Upload(
         id=new_upload_id(),
@@ -125,10 +149,11 @@ async def create_upload(
         created_at=now,
         form_expires_at=now + form_seconds,
     )
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(_record_key(upload.id), mapping=_encode(upload))
-        pipe.zadd(PENDING_KEY, {upload.id: upload.form_expires_at})
-        await pipe.execute()
+    flat = [item for pair in _encode(upload).items() for item in pair]
+    keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(user_id))
+    args = (max_pending, upload.id, upload.form_expires_at, *flat)
+    if not await redis.eval(_CREATE, len(keys), *keys, *args):
+        raise TooManyPendingUploads(user_id)
     return upload
 
 
@@ -175,7 +200,8 @@ async def mark_rejected(redis: Redis, upload: Upload, reason: str) -> bool:
 
 async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
     flat = [item for pair in values.items() for item in pair]
-    return bool(await redis.eval(_FINISH, 2, _record_key(upload.id), PENDING_KEY, upload.id, *flat))
+    keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(upload.user_id))
+    return bool(await redis.eval(_FINISH, len(keys), *keys, upload.id, *flat))
 
 
 async def delete_upload(redis: Redis, upload: Upload) -> bool:
@@ -184,7 +210,8 @@ async def delete_upload(redis: Redis, upload: Upload) -> bool:
         pipe.delete(_record_key(upload.id))
         pipe.zrem(_grid_key(upload.user_id), upload.id)
         pipe.zrem(PENDING_KEY, upload.id)
-        deleted, _, _ = await pipe.execute()
+        pipe.srem(_user_pending_key(upload.user_id), upload.id)
+        deleted, *_ = await pipe.execute()
     return bool(deleted)
 
 

@@ -42,7 +42,7 @@ class Settings:
     # The address people open, for the bucket's CORS rules. Defaults to http://host:port.
     public_url: str = ""
     secret_key: str = ""
-    # Marks the session and CSRF cookies Secure; turn on behind HTTPS.
+    # Marks the session and CSRF cookies Secure; `cookies_secure` also turns it on for HTTPS.
     secure_cookies: bool = False
     data_dir: Path = Path(".gallery")
 
@@ -54,6 +54,15 @@ class Settings:
     thumbnail_size: int = 256
     thumbnail_quality: int = 80
     page_size: int = 60
+
+    # Abuse limits
+    # Uploads per user that may wait for verification at once (issued or uploaded).
+    max_pending_uploads: int = 50
+    # Upload forms one user may request per minute.
+    upload_forms_per_minute: int = 120
+    # Failed sign-ins allowed in 15 minutes for one username, and from one address.
+    signin_failures_per_account: int = 10
+    signin_failures_per_address: int = 50
 
     # Worker
     purge_grace_seconds: int = 600
@@ -81,7 +90,18 @@ class Settings:
                 f"GALLERY_UPLOAD_FORM_SECONDS={self.upload_form_seconds} is out of range: "
                 f"upload forms live from 1 to {MAX_UPLOAD_FORM_SECONDS} seconds"
             )
-        for name in ("max_upload_bytes", "max_pixels", "thumbnail_size", "page_size", "port"):
+        positive = (
+            "max_upload_bytes",
+            "max_pixels",
+            "thumbnail_size",
+            "page_size",
+            "port",
+            "max_pending_uploads",
+            "upload_forms_per_minute",
+            "signin_failures_per_account",
+            "signin_failures_per_address",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_NAMES[name]} must be a positive integer")
         return self
@@ -94,6 +114,11 @@ class Settings:
     @property
     def presign_endpoint_url(self) -> str:
         return self.s3_public_endpoint_url or self.s3_endpoint_url
+
+    @property
+    def cookies_secure(self) -> bool:
+        """Whether cookies carry Secure: when set, or when people reach the app over HTTPS."""
+        return self.secure_cookies or self.app_url.startswith("https://")
 
     @property
     def app_url(self) -> str:
