@@ -112,8 +112,11 @@ async def make_client(
     """
     async with AsyncExitStack() as stack:
 
-        async def make(username: str | None = None) -> UserClient:
-            client = await stack.enter_async_context(AsyncTestClient(create_app(settings)))
+        async def make(
+            username: str | None = None, app_settings: Settings | None = None
+        ) -> UserClient:
+            app = create_app(app_settings or settings)
+            client = await stack.enter_async_context(AsyncTestClient(app))
             username = username or f"user{secrets.token_hex(4)}"
             await client.get("/signup")
             response = await client.post(

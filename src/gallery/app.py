@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
@@ -21,37 +20,12 @@ from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
 
 from gallery import accounts, errors, images
+from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SessionConfig
 from gallery.settings import Settings
 from gallery.storage import Storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-def security_headers(settings: Settings) -> dict[str, str]:
-    """Return the headers every response carries.
-
-    Scripts and styles come only from our own static files. Images, the upload request and
-    the no-JavaScript upload form may also reach the S3 endpoint that presigned URLs name.
-    No Referer is sent, so a page's URL never travels to S3 or elsewhere.
-    """
-    s3 = _origin(settings.presign_endpoint_url)
-    policy = (
-        "default-src 'none'; script-src 'self'; style-src 'self'; "
-        f"img-src 'self' {s3}; connect-src 'self' {s3}; form-action 'self' {s3}; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    )
-    return {
-        "Content-Security-Policy": policy,
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        "X-Frame-Options": "DENY",
-        "Cross-Origin-Opener-Policy": "same-origin",
-    }
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def provide_store(state: State) -> Storage:
@@ -91,7 +65,10 @@ def create_app(settings: Settings) -> Litestar:
         stores={
             "sessions": RedisStore.with_client(url=settings.redis_url, namespace="gallery:sessions")
         },
-        middleware=[SessionConfig(secure=settings.cookies_secure).middleware],
+        middleware=[
+            security_headers_middleware(security_headers(settings)),
+            SessionConfig(secure=settings.cookies_secure).middleware,
+        ],
         csrf_config=CSRFConfig(
             secret=settings.secret_key,
             cookie_secure=settings.cookies_secure,
@@ -101,9 +78,10 @@ def create_app(settings: Settings) -> Litestar:
             directory=PROJECT_ROOT / "templates", engine=JinjaTemplateEngine
         ),
         plugins=[HTMXPlugin()],
+        # No OpenAPI pages: the app has no public API, and their viewers load remote scripts.
+        openapi_config=None,
         exception_handlers={
             NotAuthorizedException: errors.redirect_to_signin,
             NotFoundException: errors.show_not_found,
         },
-        response_headers=security_headers(settings),
     )
