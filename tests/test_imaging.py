@@ -5,6 +5,7 @@ import multiprocessing
 import pickle
 import random
 import struct
+import time
 import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -15,6 +16,7 @@ from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
 from gallery.imaging import (
     ALLOWED_TYPES,
+    DEFAULT_MAX_FRAMES,
     ImageRejected,
     ProcessedImage,
     RejectionReason,
@@ -158,6 +160,35 @@ def animation(image_format: str) -> bytes:
     if image_format == "GIF":
         frames = [frame.convert("P") for frame in frames]
     return encode(frames[0], image_format, save_all=True, append_images=frames[1:])
+
+
+def noise_animation(image_format: str, frame_count: int, **params: object) -> bytes:
+    """Encode an 8x8 animation of random frames, which no encoder merges into fewer frames."""
+    generator = random.Random(frame_count)
+    frames = [Image.frombytes("RGB", (8, 8), generator.randbytes(192)) for _ in range(frame_count)]
+    return encode(frames[0], image_format, save_all=True, append_images=frames[1:], **params)
+
+
+def gif_of_tiny_frames(frame_count: int, *, junk_between_frames: bytes = b"") -> bytes:
+    """Build a 100x100 GIF whose frames are each one pixel, about 23 bytes a frame."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 100, 100, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    # A graphic control extension with a delay of 10 ms, then a 1x1 image descriptor.
+    frame = (
+        b"\x21\xf9\x04\x00\x01\x00\x00\x00"
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
+        # LZW minimum code size 2, then one sub-block with the codes clear, 0 and end.
+        + b"\x02\x02\x44\x01\x00"
+    )
+    return screen + (frame + junk_between_frames) * frame_count + b";"
+
+
+def with_actl_frame_count(apng: bytes, frame_count: int) -> bytes:
+    """Replace the frame count that an APNG declares in its acTL chunk."""
+    start = apng.index(b"acTL") - 4
+    (_, plays) = struct.unpack(">II", apng[start + 8 : start + 16])
+    chunk = png_chunk(b"acTL", struct.pack(">II", frame_count, plays))
+    return apng[:start] + chunk + apng[start + 20 :]
 
 
 def noise_image(size: int = 512) -> Image.Image:
@@ -564,6 +595,139 @@ def test_animation_thumbnail_shows_first_frame(image_format: str, claimed_type: 
     assert blue < 60
 
 
+@pytest.mark.parametrize(
+    ("image_format", "params", "claimed_type"),
+    [
+        ("GIF", {}, "image/gif"),
+        ("PNG", {}, "image/png"),
+        ("WEBP", {"lossless": True}, "image/webp"),
+        ("WEBP", {}, "image/webp"),
+    ],
+)
+def test_animation_over_default_max_frames_is_too_large(
+    image_format: str, params: dict, claimed_type: str
+):
+    data = noise_animation(image_format, DEFAULT_MAX_FRAMES + 1, **params)
+    assert Image.open(io.BytesIO(data)).n_frames == DEFAULT_MAX_FRAMES + 1
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+    expected = f"{image_format} animation has more than the maximum of 1000 frames"
+    assert rejection.value.detail == expected
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"),
+    [("GIF", "image/gif"), ("PNG", "image/png"), ("WEBP", "image/webp")],
+)
+def test_animation_at_max_frames_is_processed(image_format: str, claimed_type: str):
+    data = noise_animation(image_format, 30)
+
+    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS, max_frames=30)
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, claimed_type, max_pixels=MAX_PIXELS, max_frames=29)
+
+    assert open_thumbnail(result).size == (8, 8)
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+
+
+def pillow_gif_with_extensions() -> bytes:
+    # Comments, a loop count and a local colour table for each frame.
+    return noise_animation("GIF", 12, loop=0, comment=b"made by a test", duration=40)
+
+
+def gif_with_junk_between_frames() -> bytes:
+    return gif_of_tiny_frames(12, junk_between_frames=b"\x00\x99junk")
+
+
+def gif_with_long_frames() -> bytes:
+    # Each frame's data spans many 255-byte sub-blocks.
+    generator = random.Random(7)
+    frames = [Image.frombytes("L", (200, 200), generator.randbytes(40000)) for _ in range(5)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize(
+    "make_gif", [pillow_gif_with_extensions, gif_with_junk_between_frames, gif_with_long_frames]
+)
+def test_gif_frame_count_matches_pillow(make_gif):
+    data = make_gif()
+    frame_count = Image.open(io.BytesIO(data)).n_frames
+
+    process_image(data, "image/gif", max_pixels=MAX_PIXELS, max_frames=frame_count)
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/gif", max_pixels=MAX_PIXELS, max_frames=frame_count - 1)
+
+    assert frame_count > 1
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+
+
+def test_million_frame_gif_is_rejected_quickly():
+    # Pillow's n_frames reads all 1,000,000 frame headers of this 23 MB file, which takes
+    # seconds. The count stops after 1001 frames, which takes milliseconds.
+    data = gif_of_tiny_frames(1_000_000)
+    assert len(data) < 25 * 1024 * 1024
+
+    started = time.perf_counter()
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/gif", max_pixels=MAX_PIXELS)
+    elapsed = time.perf_counter() - started
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+    assert elapsed < 0.5
+
+
+def test_apng_declared_frame_count_is_checked():
+    data = with_actl_frame_count(noise_animation("PNG", 2), DEFAULT_MAX_FRAMES + 1)
+    assert Image.open(io.BytesIO(data)).n_frames == DEFAULT_MAX_FRAMES + 1
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/png", max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+
+
+def test_apng_default_image_counts_as_frame():
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "lime", "blue")]
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:], default_image=True)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/png", max_pixels=MAX_PIXELS, max_frames=2)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+
+
+def test_canvas_of_animation_counts_against_max_pixels():
+    data = noise_animation("GIF", 3)
+
+    with pytest.raises(ImageRejected) as rejection:
+        process_image(data, "image/gif", max_pixels=63)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+    assert rejection.value.detail == "8x8 = 64 pixels exceeds the maximum of 63"
+
+
+def test_mutated_animated_gif_raises_only_rejection():
+    data = noise_animation("GIF", 6, comment=b"comment", loop=0)
+
+    # Any exception other than ImageRejected, such as an IndexError from the frame count,
+    # fails the test on the spot.
+    outcomes = set()
+    for mutated in mutated_copies(data, count=300, seed=2):
+        try:
+            process_image(mutated, "image/gif", max_pixels=MAX_PIXELS, max_frames=3)
+        except ImageRejected as rejection:
+            outcomes.add(rejection.reason)
+        else:
+            outcomes.add("processed")
+
+    assert RejectionReason.TOO_LARGE in outcomes
+    assert RejectionReason.CORRUPT in outcomes or RejectionReason.NOT_AN_IMAGE in outcomes
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_png_transparency_is_kept(mode: str):
     data = transparent_corner(mode)
@@ -694,6 +858,7 @@ def test_process_pool_returns_result_and_rejection():
     "limits",
     [
         {"max_pixels": 0},
+        {"max_pixels": MAX_PIXELS, "max_frames": 0},
         {"max_pixels": MAX_PIXELS, "thumbnail_size": 0},
         {"max_pixels": MAX_PIXELS, "thumbnail_size": 20000},
         {"max_pixels": MAX_PIXELS, "quality": 101},
