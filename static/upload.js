@@ -5,6 +5,8 @@
 
 (function () {
   const MAX_PARALLEL_UPLOADS = 3;
+  // How often a form request is repeated while the server answers 429 Too Many Requests.
+  const MAX_FORM_ATTEMPTS = 30;
   const queue = [];
   let running = 0;
 
@@ -59,18 +61,46 @@
     return null;
   }
 
-  async function requestForm(file, uploader) {
-    const response = await fetch(uploader.dataset.createUrl, {
+  function sleep(seconds) {
+    return new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+  }
+
+  // Asks the app to sign a form; while too many uploads are pending, waits as told and asks again.
+  async function requestForm(file, uploader, view) {
+    for (let attempt = 1; ; attempt += 1) {
+      const response = await fetch(uploader.dataset.createUrl, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "x-csrftoken": csrfToken() },
+        body: JSON.stringify({ filename: file.name, content_type: file.type, size: file.size }),
+        credentials: "same-origin",
+      });
+      const body = await response.json().catch(() => ({}));
+      if (response.ok) {
+        return body;
+      }
+      const message = body.error || body.detail || "the server returned status " + response.status;
+      if (response.status !== 429 || attempt >= MAX_FORM_ATTEMPTS) {
+        throw new Error(message);
+      }
+      setState(view, "waiting for earlier uploads to be checked", "waiting");
+      await sleep(Number(response.headers.get("Retry-After")) || 5);
+      setState(view, "uploading", "uploading");
+    }
+  }
+
+  // Reports the upload done and puts the tile the app returns at the top of the grid.
+  async function completeUpload(form) {
+    const response = await fetch(form.complete_url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "x-csrftoken": csrfToken() },
-      body: JSON.stringify({ filename: file.name, content_type: file.type, size: file.size }),
+      headers: { "x-csrftoken": csrfToken(), "HX-Request": "true" },
       credentials: "same-origin",
     });
-    const body = await response.json().catch(() => ({}));
+    const text = await response.text();
     if (!response.ok) {
-      throw new Error(body.error || body.detail || "the server returned status " + response.status);
+      throw new Error(text.length > 0 && text.length < 200 ? text : "the server returned status " + response.status);
     }
-    return body;
+    htmx.swap("#grid", text, { swapStyle: "afterbegin" });
+    changeCount(1);
   }
 
   function postToS3(form, file, view) {
@@ -103,15 +133,11 @@
   async function upload(file, view, uploader) {
     setState(view, "uploading", "uploading");
     try {
-      const form = await requestForm(file, uploader);
+      const form = await requestForm(file, uploader, view);
       await postToS3(form, file, view);
       view.bar.value = 100;
       setState(view, "verifying", "verifying");
-      await htmx.ajax("POST", form.complete_url, {
-        source: "#grid",
-        target: "#grid",
-        swap: "afterbegin",
-      });
+      await completeUpload(form);
       setState(view, "uploaded", "done");
     } catch (error) {
       setState(view, "failed: " + error.message, "failed");
@@ -157,12 +183,11 @@
     });
   });
 
-  // Counts a tile that an upload added to the grid or that a delete button removed.
+  // Counts a tile that a delete button removed.
   document.addEventListener("htmx:afterRequest", (event) => {
-    if (!event.detail.successful) return;
-    const verb = event.detail.requestConfig.verb.toLowerCase();
-    if (verb === "post" && event.detail.elt.id === "grid") changeCount(1);
-    if (verb === "delete") changeCount(-1);
+    if (event.detail.successful && event.detail.requestConfig.verb.toLowerCase() === "delete") {
+      changeCount(-1);
+    }
   });
 
   // htmx drops error bodies by default; show them in the message area instead.

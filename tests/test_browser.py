@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
 from playwright.async_api import (
     Browser,
     ConsoleMessage,
@@ -287,6 +288,36 @@ async def test_text_file_named_jpg_is_rejected_by_worker(
     await expect(page.locator("#empty")).to_be_visible()
 
     assert console_errors == []
+
+
+async def test_upload_waits_while_too_many_are_pending(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    served_settings: Settings,
+    redis: ArqRedis,
+    corpus_dir: Path,
+    console_errors: list[str],
+) -> None:
+    username = await sign_up(page, base_url)
+    user_id = (await redis.get(f"gallery:username:{username.lower()}")).decode()
+    pending_key = f"gallery:user-pending:{user_id}"
+    placeholders = [f"placeholder{number}" for number in range(served_settings.max_pending_uploads)]
+    await redis.sadd(pending_key, *placeholders)
+
+    await page.locator("#file-input").set_input_files([corpus_dir / PHOTOS[0]])
+    row = page.locator(".upload-row")
+    await expect(row.locator(".upload-state")).to_have_text(
+        "waiting for earlier uploads to be checked"
+    )
+    await save_screenshot(page, "8-waiting-for-pending-uploads")
+    await redis.srem(pending_key, *placeholders)
+
+    await expect(row.locator(".upload-state")).to_have_text("uploaded")
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
+    # Chromium logs every 429 answer as a console error; nothing else may appear.
+    assert console_errors
+    assert all("429" in error for error in console_errors), console_errors
 
 
 async def sign_up(page: Page, base_url: str) -> str:
