@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from io import BytesIO
 
 import httpx
+from PIL import Image
 
 from gallery import index
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import make_jpeg, post_to_s3
 from worker.jobs import purge_abandoned
+from worker.settings import make_worker
 
 
 async def _issue_form(client, data: bytes, name: str = "photo.jpg") -> dict:
@@ -141,3 +144,20 @@ async def test_public_endpoint_names_the_browsers_host(s3_server, settings, stor
     assert form.url.startswith(f"http://localhost:{port}/")
     assert response.status_code == 200
     assert response.content == b"thumbnail"
+
+
+async def test_frames_over_setting_are_rejected(client, settings, store, redis):
+    frames = [Image.new("RGB", (8, 8), (40 * number, 0, 0)) for number in range(3)]
+    buffer = BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    upload_id = await client.upload(buffer.getvalue(), "moving.gif", "image/gif")
+    worker = make_worker(
+        replace(settings, max_frames=2), burst=True, poll_delay=0.05, handle_signals=False
+    )
+
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+
+    assert "Rejected: too large" in (await client.tile(upload_id)).text

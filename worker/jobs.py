@@ -87,6 +87,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
                 data,
                 upload.content_type,
                 max_pixels=settings.max_pixels,
+                max_frames=settings.max_frames,
                 thumbnail_size=settings.thumbnail_size,
                 quality=settings.thumbnail_quality,
             ),

@@ -48,7 +48,6 @@ _UPRIGHT_TRANSPOSES = {
 WEBP_MAX_SIDE = 16383
 
 # An animation of 1000 frames plays for 100 seconds at 10 frames per second.
-# NOTE: Settings has no frame limit, so the worker always applies this default.
 DEFAULT_MAX_FRAMES = 1000
 
 _SRGB_PROFILE = ImageCms.createProfile("sRGB")

@@ -49,6 +49,8 @@ class Settings:
     # Uploads and images
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 50_000_000
+    # The most frames an animated GIF, PNG or WebP may have.
+    max_frames: int = 1000
     upload_form_seconds: int = 300
     url_expiry_seconds: int = 600
     thumbnail_size: int = 256
@@ -93,6 +95,7 @@ class Settings:
         positive = (
             "max_upload_bytes",
             "max_pixels",
+            "max_frames",
             "thumbnail_size",
             "page_size",
             "port",
