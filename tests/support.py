@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,28 @@ def make_jpeg(
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def grey_signature(image: Image.Image) -> bytes:
+    """Return a 16x16 greyscale copy of an image as bytes, for comparing what images show."""
+    return image.convert("L").resize((16, 16), Image.Resampling.BOX).tobytes()
+
+
+def mean_difference(first: bytes, second: bytes) -> float:
+    """Return the mean absolute difference of two grey signatures, from 0 to 255."""
+    return sum(abs(a - b) for a, b in zip(first, second, strict=True)) / len(first)
+
+
+def webp_chunk_ids(data: bytes) -> list[str]:
+    """List the RIFF chunk ids of a WebP file in order."""
+    chunk_ids = []
+    position = 12
+    while position + 8 <= len(data):
+        chunk_id = data[position : position + 4].decode("latin-1")
+        (length,) = struct.unpack("<I", data[position + 4 : position + 8])
+        chunk_ids.append(chunk_id)
+        position += 8 + length + length % 2
+    return chunk_ids
 
 
 async def post_to_s3(

@@ -21,7 +21,7 @@ from PIL import ExifTags, Image
 
 from gallery import index, storage
 from gallery.settings import Settings
-from tests.support import HTMX, post_to_s3
+from tests.support import HTMX, post_to_s3, webp_chunk_ids
 from worker.settings import make_worker
 
 # The peak resident set size that a process-pool child of the worker may reach while it
@@ -137,18 +137,6 @@ def marked_image(width: int, height: int) -> Image.Image:
     image = Image.new("RGB", (width, height), (40, 40, 40))
     image.paste((255, 255, 255), (0, 0, height // 2, height // 2))
     return image
-
-
-def webp_chunk_ids(data: bytes) -> list[str]:
-    """List the RIFF chunk ids of a WebP file in order."""
-    chunk_ids = []
-    position = 12
-    while position + 8 <= len(data):
-        chunk_id = data[position : position + 4].decode("latin-1")
-        (length,) = struct.unpack("<I", data[position + 4 : position + 8])
-        chunk_ids.append(chunk_id)
-        position += 8 + length + length % 2
-    return chunk_ids
 
 
 def parse_content_disposition(value: str) -> tuple[str, list[tuple[str, str]]]:

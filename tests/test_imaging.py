@@ -22,6 +22,7 @@ from gallery.imaging import (
     RejectionReason,
     process_image,
 )
+from tests.support import grey_signature, mean_difference, webp_chunk_ids
 
 MAX_PIXELS = 50_000_000
 
@@ -51,26 +52,6 @@ def open_thumbnail(result: ProcessedImage) -> Image.Image:
     thumbnail = Image.open(io.BytesIO(result.thumbnail), formats=["WEBP"])
     thumbnail.load()
     return thumbnail
-
-
-def grey_signature(image: Image.Image) -> bytes:
-    return image.convert("L").resize((16, 16), Image.Resampling.BOX).tobytes()
-
-
-def mean_difference(first: bytes, second: bytes) -> float:
-    return sum(abs(a - b) for a, b in zip(first, second, strict=True)) / len(first)
-
-
-def webp_chunk_ids(data: bytes) -> list[str]:
-    """List the RIFF chunk ids of a WebP file in order."""
-    chunk_ids = []
-    position = 12
-    while position + 8 <= len(data):
-        chunk_id = data[position : position + 4].decode("latin-1")
-        (length,) = struct.unpack("<I", data[position + 4 : position + 8])
-        chunk_ids.append(chunk_id)
-        position += 8 + length + length % 2
-    return chunk_ids
 
 
 def assert_no_metadata(thumbnail: bytes) -> None:

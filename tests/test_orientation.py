@@ -11,7 +11,7 @@ from PIL import ExifTags, Image
 
 from gallery import index
 from gallery.index import State
-from tests.support import UserClient
+from tests.support import UserClient, grey_signature, mean_difference
 
 SHAPES = ("Landscape", "Portrait")
 
@@ -28,15 +28,8 @@ SAME_PICTURE_MAX_DIFFERENCE = 8
 UPRIGHT_SIZES = {"Landscape": (1800, 1200), "Portrait": (1200, 1800)}
 
 
-def grey_signature(image: Image.Image) -> bytes:
-    return image.convert("L").resize((16, 16), Image.Resampling.BOX).tobytes()
-
-
-def mean_difference(first: Image.Image, second: Image.Image) -> float:
-    first_signature = grey_signature(first)
-    second_signature = grey_signature(second)
-    total = sum(abs(a - b) for a, b in zip(first_signature, second_signature, strict=True))
-    return total / len(first_signature)
+def image_difference(first: Image.Image, second: Image.Image) -> float:
+    return mean_difference(grey_signature(first), grey_signature(second))
 
 
 def with_invalid_orientation(path: Path) -> bytes:
@@ -105,7 +98,7 @@ async def test_every_orientation_gives_upright_thumbnail(client, run_worker, red
         assert (upload.width, upload.height) == UPRIGHT_SIZES[shape], name
         assert thumbnails[name].size == reference.size, name
     differences = {
-        name: mean_difference(thumbnail, thumbnails[REFERENCE_NAMES[name.split("_")[0]]])
+        name: image_difference(thumbnail, thumbnails[REFERENCE_NAMES[name.split("_")[0]]])
         for name, thumbnail in thumbnails.items()
     }
     turned = {
@@ -125,5 +118,5 @@ async def test_turned_reference_thumbnail_does_not_match(client, run_worker, cor
     for name, upload_id in upload_ids.items():
         reference = await fetch_thumbnail(client, upload_id)
         for transpose in Image.Transpose:
-            difference = mean_difference(reference.transpose(transpose), reference)
+            difference = image_difference(reference.transpose(transpose), reference)
             assert difference > SAME_PICTURE_MAX_DIFFERENCE, f"{name} {transpose.name}"
