@@ -13,6 +13,7 @@ from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.logging import LoggingConfig
 from litestar.plugins.htmx import HTMXPlugin
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
@@ -78,6 +79,13 @@ def create_app(settings: Settings) -> Litestar:
             directory=PROJECT_ROOT / "templates", engine=JinjaTemplateEngine
         ),
         plugins=[HTMXPlugin()],
+        # Litestar's records go to the root logger, which `gallery` configures once for the
+        # web app and the worker, instead of to a queue handler of Litestar's own.
+        logging_config=LoggingConfig(
+            configure_root_logger=False,
+            log_exceptions="always",
+            loggers={"litestar": {"level": "INFO", "handlers": [], "propagate": True}},
+        ),
         # No OpenAPI pages: the app has no public API, and their viewers load remote scripts.
         openapi_config=None,
         exception_handlers={
