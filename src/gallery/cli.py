@@ -64,7 +64,7 @@ def worker(check: bool) -> None:
 
 @main.command("init-bucket")
 def init_bucket() -> None:
-    """Create the bucket if it is missing and set its CORS rules for the app's origin."""
+    """Create the bucket if it is missing and set its access block, CORS and lifecycle rules."""
     from gallery.storage import Storage
 
     settings = _require_services(_load_settings())
@@ -75,6 +75,23 @@ def init_bucket() -> None:
 
     asyncio.run(run())
     click.echo(f"bucket {settings.s3_bucket} is ready for uploads from {settings.app_url}")
+
+
+@main.command()
+def doctor() -> None:
+    """Check that the bucket is private and enforces upload forms, and exit 1 if one fails.
+
+    Sends requests to S3_PUBLIC_ENDPOINT_URL as a browser would, so run it where that
+    address is reachable. Objects it writes under doctor/ are deleted afterwards.
+    """
+    from gallery.doctor import run_checks
+
+    settings = _require_services(_load_settings())
+    results = asyncio.run(run_checks(settings))
+    for result in results:
+        click.echo(result.line())
+    if not all(result.passed for result in results):
+        sys.exit(1)
 
 
 @main.command()

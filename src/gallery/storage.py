@@ -30,6 +30,19 @@ DELETE_BATCH_SIZE = 1000
 
 THUMBNAIL_CACHE_CONTROL = "private, max-age=31536000, immutable"
 
+# Lifecycle rules that ensure_bucket sets. S3 deletes upload objects that no worker
+# finished, and the parts of multipart uploads never completed, this many days after they
+# were created.
+EXPIRE_INCOMING_RULE_ID = "expire-incoming-uploads"
+ABORT_MULTIPART_RULE_ID = "abort-incomplete-multipart-uploads"
+INCOMING_EXPIRY_DAYS = 1
+MULTIPART_ABORT_DAYS = 1
+
+# NOTE: incoming_key puts the user id first (u/<user>/incoming/<id>), and a lifecycle
+# filter selects keys by prefix or tag, so this rule expires no upload until incoming keys
+# start with this prefix. Until then the worker's purge_abandoned job is the only cleanup.
+INCOMING_LIFECYCLE_PREFIX = "incoming/"
+
 
 def incoming_key(user_id: str, upload_id: str) -> str:
     """Return the key a browser uploads to, before the worker has checked the file."""
@@ -105,7 +118,10 @@ class Storage:
             yield cls(client, presign_client, settings)
 
     async def ensure_bucket(self, allowed_origins: Iterable[str]) -> None:
-        """Create the bucket if it is missing and let the app's pages post uploads to it."""
+        """Create the bucket if it is missing, keep it private and set its CORS and lifecycle.
+
+        Replaces the bucket's CORS and lifecycle configuration, so running it again is safe.
+        """
         try:
             await self._client.head_bucket(Bucket=self.bucket)
         except ClientError as error:
@@ -113,6 +129,7 @@ class Storage:
                 raise
             await self._client.create_bucket(Bucket=self.bucket)
             logger.info("created bucket %s", self.bucket)
+        await self._block_public_access()
         await self._client.put_bucket_cors(
             Bucket=self.bucket,
             CORSConfiguration={
@@ -126,10 +143,60 @@ class Storage:
                 ]
             },
         )
+        await self._put_lifecycle_rules()
+
+    async def _block_public_access(self) -> None:
+        try:
+            await self._client.put_public_access_block(
+                Bucket=self.bucket,
+                PublicAccessBlockConfiguration={
+                    "BlockPublicAcls": True,
+                    "IgnorePublicAcls": True,
+                    "BlockPublicPolicy": True,
+                    "RestrictPublicBuckets": True,
+                },
+            )
+        except ClientError as error:
+            # SeaweedFS 4.48 returns 501 NotImplemented. Its buckets have no public ACL or
+            # policy unless one is set, and `gallery doctor` checks anonymous access.
+            if _error_code(error) != "NotImplemented":
+                raise
+            logger.info(
+                "S3 does not implement PutPublicAccessBlock; bucket %s keeps its ACL and policy",
+                self.bucket,
+            )
+
+    async def _put_lifecycle_rules(self) -> None:
+        try:
+            await self._client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": lifecycle_rules()}
+            )
+        except ClientError as error:
+            if _error_code(error) != "NotImplemented":
+                raise
+            logger.warning(
+                "S3 does not implement PutBucketLifecycleConfiguration; bucket %s keeps "
+                "abandoned uploads until the worker purges them",
+                self.bucket,
+            )
 
     async def bucket_cors_rules(self) -> list[dict[str, Any]]:
         response = await self._client.get_bucket_cors(Bucket=self.bucket)
         return response["CORSRules"]
+
+    async def bucket_lifecycle_rules(self) -> list[dict[str, Any]]:
+        """Return the bucket's lifecycle rules, or an empty list when it has none."""
+        try:
+            response = await self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+        except ClientError as error:
+            if _error_code(error) == "NoSuchLifecycleConfiguration":
+                return []
+            raise
+        return response["Rules"]
+
+    async def object_tags(self, key: str) -> dict[str, str]:
+        response = await self._client.get_object_tagging(Bucket=self.bucket, Key=key)
+        return {tag["Key"]: tag["Value"] for tag in response["TagSet"]}
 
     async def presign_upload(
         self, key: str, *, content_type: str, owner: str, max_bytes: int, expires_in: int
@@ -241,6 +308,24 @@ class Storage:
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 yield item["Key"]
+
+
+def lifecycle_rules() -> list[dict[str, Any]]:
+    """Return the lifecycle rules that `ensure_bucket` sets on the bucket."""
+    return [
+        {
+            "ID": EXPIRE_INCOMING_RULE_ID,
+            "Filter": {"Prefix": INCOMING_LIFECYCLE_PREFIX},
+            "Status": "Enabled",
+            "Expiration": {"Days": INCOMING_EXPIRY_DAYS},
+        },
+        {
+            "ID": ABORT_MULTIPART_RULE_ID,
+            "Filter": {"Prefix": ""},
+            "Status": "Enabled",
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": MULTIPART_ABORT_DAYS},
+        },
+    ]
 
 
 def attachment_disposition(filename: str) -> str:
