@@ -166,6 +166,7 @@ async def test_verify_twice_keeps_one_image(client, run_worker, store, redis, se
     assert outcome == "ready"
     assert await index.count_grid(redis, upload.user_id) == 1
     keys = [key async for key in store.list_keys(f"u/{upload.user_id}/")]
+    assert [key async for key in store.list_keys(f"incoming/{upload.user_id}/")] == []
     assert sorted(keys) == sorted(storage.image_keys(upload.user_id, upload_id)[1:])
 
 

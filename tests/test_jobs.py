@@ -72,6 +72,7 @@ async def test_delete_while_processing_leaves_nothing(client, run_worker, store,
     assert deleted.status_code == 200
     assert await index.get_upload(redis, upload_id) is None
     assert [key async for key in store.list_keys(f"u/{user_id}/")] == []
+    assert [key async for key in store.list_keys(f"incoming/{user_id}/")] == []
 
 
 async def test_complete_of_other_users_upload_returns_404(make_client, run_worker, redis):
@@ -116,7 +117,7 @@ async def test_delete_sends_batches_of_at_most_1000(settings):
             return await original(**kwargs)
 
         store._client.delete_objects = record
-        sent = await store.delete(f"u/nobody/incoming/{number:05d}" for number in range(2001))
+        sent = await store.delete(f"incoming/nobody/{number:05d}" for number in range(2001))
 
     assert sent == 2001
     assert calls == [1000, 1000, 1]

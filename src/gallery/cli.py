@@ -79,7 +79,9 @@ def init_bucket() -> None:
 
 @main.command()
 def doctor() -> None:
-    """Check that the bucket is private and enforces upload forms, and exit 1 if one fails.
+    """Check that the bucket is private and enforces upload forms; exit 1 if a check fails.
+
+    A WARN line reports a gap that the gallery covers another way and does not fail.
 
     Sends requests to S3_PUBLIC_ENDPOINT_URL as a browser would, so run it where that
     address is reachable. Objects it writes under doctor/ are deleted afterwards.
@@ -90,7 +92,7 @@ def doctor() -> None:
     results = asyncio.run(run_checks(settings))
     for result in results:
         click.echo(result.line())
-    if not all(result.passed for result in results):
+    if any(result.failed for result in results):
         sys.exit(1)
 
 

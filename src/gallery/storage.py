@@ -38,15 +38,14 @@ ABORT_MULTIPART_RULE_ID = "abort-incomplete-multipart-uploads"
 INCOMING_EXPIRY_DAYS = 1
 MULTIPART_ABORT_DAYS = 1
 
-# NOTE: incoming_key puts the user id first (u/<user>/incoming/<id>), and a lifecycle
-# filter selects keys by prefix or tag, so this rule expires no upload until incoming keys
-# start with this prefix. Until then the worker's purge_abandoned job is the only cleanup.
+# Every upload lands under this prefix until the worker has checked it, so one lifecycle
+# rule can expire what was never checked.
 INCOMING_LIFECYCLE_PREFIX = "incoming/"
 
 
 def incoming_key(user_id: str, upload_id: str) -> str:
     """Return the key a browser uploads to, before the worker has checked the file."""
-    return f"u/{user_id}/incoming/{upload_id}"
+    return f"{INCOMING_LIFECYCLE_PREFIX}{user_id}/{upload_id}"
 
 
 def original_key(user_id: str, image_id: str) -> str:
