@@ -1,10 +1,13 @@
 """Tests of upload verification and thumbnails, on the real photo corpus and on generated files."""
 
+import base64
 import io
 import multiprocessing
 import pickle
 import random
 import struct
+import subprocess
+import sys
 import time
 import warnings
 import zlib
@@ -12,14 +15,19 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from PIL import ExifTags, Image, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageChops, ImageCms, ImageOps, ImageStat, PngImagePlugin
 
 from gallery.imaging import (
     ALLOWED_TYPES,
+    DEFAULT_MAX_ANIMATION_PIXELS,
     DEFAULT_MAX_FRAMES,
+    PLACEHOLDER_MAX_LENGTH,
+    PLACEHOLDER_SIZE,
     ImageRejected,
     ProcessedImage,
     RejectionReason,
+    Renditions,
+    make_renditions,
     process_image,
 )
 from tests.support import grey_signature, mean_difference, webp_chunk_ids
@@ -34,6 +42,19 @@ SAME_PICTURE_MAX_DIFFERENCE = 8
 
 METADATA_CHUNKS = {"EXIF", "XMP ", "ICCP"}
 
+# The checks that hold for the old entry point and for its replacement run on both.
+both_entry_points = pytest.mark.parametrize(
+    "render", [process_image, make_renditions], ids=["process_image", "make_renditions"]
+)
+
+# Limits with which each entry point decodes a 512x512 JPEG at 1/8 scale, the draft path.
+DRAFT_LIMITS = [
+    (process_image, {"thumbnail_size": 32}),
+    (make_renditions, {"thumbnail_size": 16, "display_size": 64}),
+]
+
+PROCESS_IMAGE_TYPES = ["image/jpeg", "image/png", "image/webp", "image/gif"]
+
 SVG = (
     b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
     b"<script>alert(1)</script></svg>"
@@ -47,11 +68,15 @@ def encode(image: Image.Image, image_format: str, **params: object) -> bytes:
     return output.getvalue()
 
 
-def open_thumbnail(result: ProcessedImage) -> Image.Image:
-    """Decode the thumbnail completely, failing the test if it is not a WebP."""
-    thumbnail = Image.open(io.BytesIO(result.thumbnail), formats=["WEBP"])
-    thumbnail.load()
-    return thumbnail
+def open_webp(data: bytes) -> Image.Image:
+    """Decode a WebP completely, failing the test if it is not one."""
+    image = Image.open(io.BytesIO(data), formats=["WEBP"])
+    image.load()
+    return image
+
+
+def open_thumbnail(result: ProcessedImage | Renditions) -> Image.Image:
+    return open_webp(result.thumbnail)
 
 
 def assert_no_metadata(thumbnail: bytes) -> None:
@@ -150,9 +175,12 @@ def noise_animation(image_format: str, frame_count: int, **params: object) -> by
     return encode(frames[0], image_format, save_all=True, append_images=frames[1:], **params)
 
 
-def gif_of_tiny_frames(frame_count: int, *, junk_between_frames: bytes = b"") -> bytes:
-    """Build a 100x100 GIF whose frames are each one pixel, about 23 bytes a frame."""
-    screen = b"GIF89a" + struct.pack("<HHBBB", 100, 100, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+def gif_of_tiny_frames(
+    frame_count: int, *, junk_between_frames: bytes = b"", canvas: tuple[int, int] = (100, 100)
+) -> bytes:
+    """Build a GIF, by default 100x100, whose frames are each one pixel, about 23 bytes a frame."""
+    width, height = canvas
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
     # A graphic control extension with a delay of 10 ms, then a 1x1 image descriptor.
     frame = (
         b"\x21\xf9\x04\x00\x01\x00\x00\x00"
@@ -173,8 +201,14 @@ def with_actl_frame_count(apng: bytes, frame_count: int) -> bytes:
 
 
 def noise_image(size: int = 512) -> Image.Image:
-    """Build a noisy image, which compresses badly, so that truncation cuts into the pixels."""
-    return Image.effect_noise((size, size), 64).convert("RGB")
+    """Build a noisy image, which compresses badly, so that truncation cuts into the pixels.
+
+    The noise is the same on every run. Image.effect_noise is not, and of its JPEGs without
+    an end marker about 1 in 25 decode without error, because libjpeg finishes the scan
+    before it requests more data. Those decode to the same pixels as the complete file.
+    """
+    generator = random.Random(size)
+    return Image.frombytes("RGB", (size, size), generator.randbytes(size * size * 3))
 
 
 def orientation_exif(orientation: int) -> Image.Exif:
@@ -230,13 +264,130 @@ def transparent_corner(mode: str) -> bytes:
     return encode(image.convert(mode), "PNG")
 
 
+def upright_fit(size: tuple[int, int], box: int) -> tuple[int, int]:
+    """Return the size that fits `size` into a square `box` without enlarging it."""
+    width, height = size
+    scale = min(1.0, box / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def rendition_boxes(result: Renditions) -> dict[str, tuple[bytes, int]]:
+    """Map each WebP rendition's name to its bytes and the box of the default sizes."""
+    return {
+        "display": (result.display, 1600),
+        "thumbnail_2x": (result.thumbnail_2x, 512),
+        "thumbnail": (result.thumbnail, 256),
+    }
+
+
+def open_placeholder(placeholder: str) -> Image.Image:
+    prefix = "data:image/webp;base64,"
+    assert placeholder.startswith(prefix)
+    return open_webp(base64.b64decode(placeholder.removeprefix(prefix), validate=True))
+
+
+def colour_signature(image: Image.Image) -> bytes:
+    """Return a 16x16 RGB copy of an image as bytes, for comparing colours."""
+    return image.convert("RGB").resize((16, 16), Image.Resampling.BOX).tobytes()
+
+
+def max_difference(first: bytes, second: bytes) -> int:
+    return max(abs(a - b) for a, b in zip(first, second, strict=True))
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """Composite an image onto white, as a page with a white background shows it."""
+    background = Image.new("RGBA", image.size, "white")
+    return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+
+
+def marked_with_orientation(image_format: str, orientation: int, size=(96, 48)) -> bytes:
+    exif = orientation_exif(orientation)
+    # pillow-heif writes the HEIF rotation and mirror properties only from EXIF bytes.
+    if image_format == "HEIF":
+        return encode(marked_image(*size), "HEIF", exif=exif.tobytes(), quality=90)
+    return encode(marked_image(*size), image_format, exif=exif)
+
+
+def without_jpeg_segment(data: bytes, marker: bytes) -> bytes:
+    """Remove the first segment with the given two-byte marker from a JPEG."""
+    start = data.index(marker)
+    (length,) = struct.unpack(">H", data[start + 2 : start + 4])
+    return data[:start] + data[start + 2 + length :]
+
+
+def plain_cmyk_jpeg(ink: tuple[int, int, int, int]) -> bytes:
+    """Encode a CMYK JPEG that stores plain ink values and has no Adobe APP14 segment."""
+    # Pillow writes every CMYK JPEG with inverted values, so the inverse of the ink is saved.
+    inverted = tuple(255 - value for value in ink)
+    data = encode(Image.new("CMYK", (64, 64), inverted), "JPEG", quality=100)
+    return without_jpeg_segment(data, b"\xff\xee")
+
+
+def ycck_jpeg(ink: tuple[int, int, int, int]) -> bytes:
+    """Encode a JPEG in Adobe's YCCK colour space, as Photoshop writes CMYK JPEGs.
+
+    libjpeg turns YCbCr back into RGB, takes C, M and Y as 255 minus R, G and B, and
+    leaves K. The result is in Adobe's inverted convention, so each ink is inverted first.
+    """
+    cyan, magenta, yellow, black = (255 - value for value in ink)
+    luma, blue_difference, red_difference = (
+        Image.new("RGB", (1, 1), (255 - cyan, 255 - magenta, 255 - yellow))
+        .convert("YCbCr")
+        .getpixel((0, 0))
+    )
+    stored = (luma, blue_difference, red_difference, black)
+    # Pillow inverts the values it writes, and writes an APP14 segment with transform 0
+    # (CMYK). Transform 2 declares YCCK.
+    data = encode(Image.new("CMYK", (64, 64), tuple(255 - v for v in stored)), "JPEG", quality=100)
+    transform = data.index(b"Adobe") + 11
+    return data[:transform] + b"\x02" + data[transform + 1 :]
+
+
+def horizontal_gradient(mode: str, maximum: float, width: int = 512) -> Image.Image:
+    """Build a 64-row gradient from 0 on the left to `maximum` on the right in a wide mode."""
+    values = [maximum * x / (width - 1) for x in range(width)]
+    if mode == "F":
+        row = struct.pack(f"<{width}f", *values)
+    elif mode == "I":
+        row = struct.pack(f"<{width}i", *map(round, values))
+    else:
+        byte_order = ">" if mode == "I;16B" else "<"
+        row = struct.pack(f"{byte_order}{width}H", *map(round, values))
+    return Image.frombytes(mode, (width, 64), row * 64)
+
+
+def transparent_quadrant(kind: str) -> tuple[bytes, str]:
+    """Encode a 1024x1024 blue image whose top left quadrant is fully transparent.
+
+    The quadrant's colour channels are black, as many editors store them. Every rendition
+    of the default sizes is resized from it.
+    """
+    image = Image.new("RGBA", (1024, 1024), (0, 90, 200, 255))
+    image.paste((0, 0, 0, 0), (0, 0, 512, 512))
+    if kind == "LA":
+        return encode(image.convert("LA"), "PNG"), "image/png"
+    if kind == "RGBA":
+        return encode(image, "PNG"), "image/png"
+
+    palette_image = Image.new("P", image.size, 1)
+    palette_image.putpalette([0, 0, 0, 0, 90, 200])
+    palette_image.paste(0, (0, 0, 512, 512))
+    if kind == "P":
+        return encode(palette_image, "PNG", transparency=0), "image/png"
+    return encode(palette_image, "GIF", transparency=0), "image/gif"
+
+
+@both_entry_points
 @pytest.mark.parametrize("orientation", range(9))
 @pytest.mark.parametrize("shape", ["Landscape", "Portrait"])
-def test_oriented_photo_thumbnail_is_upright(corpus_dir: Path, shape: str, orientation: int):
+def test_oriented_photo_thumbnail_is_upright(
+    render, corpus_dir: Path, shape: str, orientation: int
+):
     upright = Image.open(corpus_dir / "orientation" / f"{shape}_1.jpg")
     data = (corpus_dir / "orientation" / f"{shape}_{orientation}.jpg").read_bytes()
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     assert (result.width, result.height) == upright.size
@@ -261,32 +412,33 @@ def test_orientation_check_detects_turned_thumbnail(
     assert difference > SAME_PICTURE_MAX_DIFFERENCE
 
 
+@both_entry_points
 @pytest.mark.parametrize("folder", ["cameras", "gps", "mobile"])
-def test_corpus_photos_make_clean_thumbnails(corpus_dir: Path, folder: str):
+def test_corpus_photos_make_clean_thumbnails(render, corpus_dir: Path, folder: str):
     paths = sorted((corpus_dir / folder).glob("*.jpg"))
     assert paths
 
     for path in paths:
         upright_size = ImageOps.exif_transpose(Image.open(path)).size
 
-        result = process_image(path.read_bytes(), "image/jpeg", max_pixels=MAX_PIXELS)
+        result = render(path.read_bytes(), "image/jpeg", max_pixels=MAX_PIXELS)
 
         thumbnail = open_thumbnail(result)
         assert result.content_type == "image/jpeg", path.name
-        assert result.thumbnail_type == "image/webp", path.name
         assert (result.width, result.height) == upright_size, path.name
         assert max(thumbnail.size) == min(256, max(upright_size)), path.name
         assert_no_metadata(result.thumbnail)
 
 
-def test_gps_photos_lose_their_location(corpus_dir: Path):
+@both_entry_points
+def test_gps_photos_lose_their_location(render, corpus_dir: Path):
     paths = sorted((corpus_dir / "gps").glob("*.jpg"))
     assert paths
 
     for path in paths:
         assert Image.open(path).getexif().get_ifd(ExifTags.IFD.GPSInfo), path.name
 
-        result = process_image(path.read_bytes(), "image/jpeg", max_pixels=MAX_PIXELS)
+        result = render(path.read_bytes(), "image/jpeg", max_pixels=MAX_PIXELS)
 
         assert "EXIF" not in webp_chunk_ids(result.thumbnail), path.name
         assert not open_thumbnail(result).getexif().get_ifd(ExifTags.IFD.GPSInfo), path.name
@@ -295,6 +447,7 @@ def test_gps_photos_lose_their_location(corpus_dir: Path):
 # The main scan of corrupted.jpg ends early. libjpeg fills its last 24 rows with grey and
 # Pillow 13 raises no error, so it processes. The two others have no EXIF block, only a
 # large XMP packet in APP1, which is no problem for Pillow.
+@both_entry_points
 @pytest.mark.parametrize(
     ("name", "size", "thumbnail_size"),
     [
@@ -304,11 +457,11 @@ def test_gps_photos_lose_their_location(corpus_dir: Path):
     ],
 )
 def test_broken_corpus_file_processes(
-    corpus_dir: Path, name: str, size: tuple[int, int], thumbnail_size: tuple[int, int]
+    render, corpus_dir: Path, name: str, size: tuple[int, int], thumbnail_size: tuple[int, int]
 ):
     data = (corpus_dir / "broken" / name).read_bytes()
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     assert (result.width, result.height) == size
     assert open_thumbnail(result).size == thumbnail_size
@@ -324,7 +477,7 @@ def test_broken_corpus_file_processes(
         ("tiff/Rudless.tiff", "image/png"),
     ],
 )
-def test_heic_and_tiff_are_not_images(corpus_dir: Path, path: str, claimed_type: str):
+def test_process_image_rejects_heic_and_tiff(corpus_dir: Path, path: str, claimed_type: str):
     data = (corpus_dir / path).read_bytes()
 
     with pytest.raises(ImageRejected) as rejection:
@@ -333,11 +486,12 @@ def test_heic_and_tiff_are_not_images(corpus_dir: Path, path: str, claimed_type:
     assert rejection.value.reason == RejectionReason.NOT_AN_IMAGE
 
 
+@both_entry_points
 @pytest.mark.parametrize("orientation", [None, 0, 1, 9, 255])
-def test_invalid_orientation_keeps_stored_image(orientation: int | None):
+def test_invalid_orientation_keeps_stored_image(render, orientation: int | None):
     data = jpeg_with_orientation(orientation)
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     assert (result.width, result.height) == (96, 48)
@@ -345,6 +499,7 @@ def test_invalid_orientation_keeps_stored_image(orientation: int | None):
     assert brightest_quadrant(thumbnail) == "top left"
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     ("orientation", "size", "quadrant"),
     [
@@ -355,11 +510,11 @@ def test_invalid_orientation_keeps_stored_image(orientation: int | None):
     ],
 )
 def test_valid_orientation_turns_image_upright(
-    orientation: int, size: tuple[int, int], quadrant: str
+    render, orientation: int, size: tuple[int, int], quadrant: str
 ):
     data = jpeg_with_orientation(orientation)
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     assert (result.width, result.height) == size
@@ -367,11 +522,13 @@ def test_valid_orientation_turns_image_upright(
     assert brightest_quadrant(thumbnail) == quadrant
 
 
-def test_drafted_jpeg_is_turned_upright():
-    # The draft path decodes this 2048x1024 JPEG at 1/4 scale before turning it.
+@both_entry_points
+def test_drafted_jpeg_is_turned_upright(render):
+    # process_image decodes this 2048x1024 JPEG at 1/4 scale before turning it, and
+    # make_renditions decodes it whole, because 1/2 scale would be smaller than 1600.
     data = encode(marked_image(2048, 1024), "JPEG", exif=orientation_exif(6))
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     assert (result.width, result.height) == (1024, 2048)
@@ -379,6 +536,7 @@ def test_drafted_jpeg_is_turned_upright():
     assert brightest_quadrant(thumbnail) == "top right"
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     ("make_data", "claimed_type"),
     [
@@ -387,10 +545,10 @@ def test_drafted_jpeg_is_turned_upright():
         (png_with_bad_raw_exif_profile, "image/png"),
     ],
 )
-def test_broken_exif_keeps_stored_image(make_data, claimed_type: str):
+def test_broken_exif_keeps_stored_image(render, make_data, claimed_type: str):
     data = make_data()
 
-    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+    result = render(data, claimed_type, max_pixels=MAX_PIXELS)
 
     assert (result.width, result.height) == (96, 48)
     assert brightest_quadrant(open_thumbnail(result)) == "top left"
@@ -408,33 +566,47 @@ def test_broken_exif_keeps_stored_image(make_data, claimed_type: str):
     ],
 )
 @pytest.mark.parametrize("kept_fraction", [0.5, 0.9])
+@pytest.mark.parametrize(
+    ("render", "limits"), DRAFT_LIMITS, ids=["process_image", "make_renditions"]
+)
 def test_truncated_image_is_corrupt(
-    image_format: str, params: dict, claimed_type: str, kept_fraction: float
+    render,
+    limits: dict,
+    image_format: str,
+    params: dict,
+    claimed_type: str,
+    kept_fraction: float,
 ):
     data = encode(noise_image(), image_format, **params)
     truncated = data[: int(len(data) * kept_fraction)]
-    # A thumbnail size of 32 makes a 512x512 JPEG decode at 1/8 scale, the draft path.
-    complete = process_image(data, claimed_type, max_pixels=MAX_PIXELS, thumbnail_size=32)
+    complete = render(data, claimed_type, max_pixels=MAX_PIXELS, **limits)
     assert complete.width == 512
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(truncated, claimed_type, max_pixels=MAX_PIXELS, thumbnail_size=32)
+        render(truncated, claimed_type, max_pixels=MAX_PIXELS, **limits)
 
     assert rejection.value.reason == RejectionReason.CORRUPT
 
 
-def test_jpeg_without_end_marker_is_corrupt():
+@pytest.mark.parametrize(
+    ("render", "limits"), DRAFT_LIMITS, ids=["process_image", "make_renditions"]
+)
+def test_jpeg_without_end_marker_is_corrupt(render, limits: dict):
     data = encode(noise_image(), "JPEG")
     assert data.endswith(b"\xff\xd9")
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data[:-2], "image/jpeg", max_pixels=MAX_PIXELS, thumbnail_size=32)
+        render(data[:-2], "image/jpeg", max_pixels=MAX_PIXELS, **limits)
 
     assert rejection.value.reason == RejectionReason.CORRUPT
 
 
-@pytest.mark.parametrize("claimed_type", list(ALLOWED_TYPES))
-def test_mutated_image_raises_only_rejection(claimed_type: str):
+@pytest.mark.parametrize(
+    ("render", "claimed_type"),
+    [(process_image, claimed_type) for claimed_type in PROCESS_IMAGE_TYPES]
+    + [(make_renditions, claimed_type) for claimed_type in ALLOWED_TYPES],
+)
+def test_mutated_image_raises_only_rejection(render, claimed_type: str):
     exif = orientation_exif(6)
     exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] = "N"
     image = Image.effect_mandelbrot((120, 80), (-2, -1, 1, 1), 50).convert("RGB")
@@ -444,7 +616,7 @@ def test_mutated_image_raises_only_rejection(claimed_type: str):
     outcomes = set()
     for mutated in mutated_copies(data, count=300, seed=1):
         try:
-            process_image(mutated, claimed_type, max_pixels=MAX_PIXELS)
+            render(mutated, claimed_type, max_pixels=MAX_PIXELS)
         except ImageRejected as rejection:
             outcomes.add(rejection.reason)
         else:
@@ -453,6 +625,7 @@ def test_mutated_image_raises_only_rejection(claimed_type: str):
     assert RejectionReason.CORRUPT in outcomes
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     ("image_format", "claimed_type"),
     [
@@ -462,29 +635,31 @@ def test_mutated_image_raises_only_rejection(claimed_type: str):
         ("WEBP", "image/gif"),
     ],
 )
-def test_other_allowed_format_is_type_mismatch(image_format: str, claimed_type: str):
+def test_other_allowed_format_is_type_mismatch(render, image_format: str, claimed_type: str):
     data = encode(marked_image(), image_format)
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+        render(data, claimed_type, max_pixels=MAX_PIXELS)
 
     assert rejection.value.reason == RejectionReason.TYPE_MISMATCH
     assert image_format in rejection.value.detail
     assert claimed_type in rejection.value.detail
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     "claimed_type", ["image/svg+xml", "image/bmp", "text/html", "IMAGE/PNG", ""]
 )
-def test_unlisted_claimed_type_is_mismatch(claimed_type: str):
+def test_unlisted_claimed_type_is_mismatch(render, claimed_type: str):
     data = encode(marked_image(), "PNG")
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+        render(data, claimed_type, max_pixels=MAX_PIXELS)
 
     assert rejection.value.reason == RejectionReason.TYPE_MISMATCH
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     ("data", "claimed_type"),
     [
@@ -494,64 +669,69 @@ def test_unlisted_claimed_type_is_mismatch(claimed_type: str):
         (b"", "image/png"),
     ],
 )
-def test_markup_is_not_an_image(data: bytes, claimed_type: str):
+def test_markup_is_not_an_image(render, data: bytes, claimed_type: str):
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+        render(data, claimed_type, max_pixels=MAX_PIXELS)
 
     assert rejection.value.reason == RejectionReason.NOT_AN_IMAGE
 
 
-def test_appended_html_stays_out_of_thumbnail():
+@both_entry_points
+def test_appended_html_stays_out_of_thumbnail(render):
     data = encode(marked_image(), "PNG") + HTML
 
-    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+    result = render(data, "image/png", max_pixels=MAX_PIXELS)
 
     assert open_thumbnail(result).size == (96, 48)
     assert HTML not in result.thumbnail
     assert b"<script" not in result.thumbnail
 
 
-def test_multi_picture_jpeg_counts_as_jpeg():
+@both_entry_points
+def test_multi_picture_jpeg_counts_as_jpeg(render):
     data = encode(marked_image(), "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
     assert Image.open(io.BytesIO(data)).format == "MPO"
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     assert result.content_type == "image/jpeg"
     assert brightest_quadrant(open_thumbnail(result)) == "top left"
 
 
-def test_pixel_count_above_maximum_is_too_large():
+@both_entry_points
+def test_pixel_count_above_maximum_is_too_large(render):
     data = png_header_only(5000, 5000)
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, "image/png", max_pixels=10_000_000)
+        render(data, "image/png", max_pixels=10_000_000)
 
     assert rejection.value.reason == RejectionReason.TOO_LARGE
     assert rejection.value.detail == "5000x5000 = 25000000 pixels exceeds the maximum of 10000000"
 
 
-def test_header_only_png_within_maximum_is_corrupt():
+@both_entry_points
+def test_header_only_png_within_maximum_is_corrupt(render):
     # Decoding a header-only PNG fails. So "too large" for the bigger header-only PNGs
     # proves that their size was checked before any pixel was decoded.
     data = png_header_only(100, 100)
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, "image/png", max_pixels=10_000_000)
+        render(data, "image/png", max_pixels=10_000_000)
 
     assert rejection.value.reason == RejectionReason.CORRUPT
 
 
 # 30000x30000 is above twice Image.MAX_IMAGE_PIXELS, where Pillow raises
 # DecompressionBombError. 10000x10000 is between the two, where Pillow only warns.
+@both_entry_points
 @pytest.mark.parametrize(("width", "height"), [(30000, 30000), (10000, 10000)])
-def test_decompression_bomb_is_too_large(width: int, height: int):
+def test_decompression_bomb_is_too_large(render, width: int, height: int):
     data = png_header_only(width, height)
     filters_before = list(warnings.filters)
     max_image_pixels_before = Image.MAX_IMAGE_PIXELS
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, "image/png", max_pixels=10**10)
+        render(data, "image/png", max_pixels=10**10)
 
     assert rejection.value.reason == RejectionReason.TOO_LARGE
     assert "decompression bomb" in rejection.value.detail
@@ -559,14 +739,15 @@ def test_decompression_bomb_is_too_large(width: int, height: int):
     assert Image.MAX_IMAGE_PIXELS == max_image_pixels_before
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     ("image_format", "claimed_type"), [("GIF", "image/gif"), ("WEBP", "image/webp")]
 )
-def test_animation_thumbnail_shows_first_frame(image_format: str, claimed_type: str):
+def test_animation_thumbnail_shows_first_frame(render, image_format: str, claimed_type: str):
     data = animation(image_format)
     assert Image.open(io.BytesIO(data)).n_frames == 3
 
-    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+    result = render(data, claimed_type, max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     red, green, blue = thumbnail.convert("RGB").getpixel((32, 16))
@@ -645,15 +826,17 @@ def test_gif_frame_count_matches_pillow(make_gif):
     assert rejection.value.reason == RejectionReason.TOO_LARGE
 
 
-def test_million_frame_gif_is_rejected_quickly():
+@both_entry_points
+def test_million_frame_gif_is_rejected_quickly(render):
     # Pillow's n_frames reads all 1,000,000 frame headers of this 23 MB file, which takes
-    # seconds. The count stops after 1001 frames, which takes milliseconds.
+    # seconds. The count stops after 1001 frames for process_image, and after 207,361 frames
+    # of 100x100 pixels for the default animation pixel budget of make_renditions.
     data = gif_of_tiny_frames(1_000_000)
     assert len(data) < 25 * 1024 * 1024
 
     started = time.perf_counter()
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, "image/gif", max_pixels=MAX_PIXELS)
+        render(data, "image/gif", max_pixels=MAX_PIXELS)
     elapsed = time.perf_counter() - started
 
     assert rejection.value.reason == RejectionReason.TOO_LARGE
@@ -681,17 +864,24 @@ def test_apng_default_image_counts_as_frame():
     assert rejection.value.reason == RejectionReason.TOO_LARGE
 
 
-def test_canvas_of_animation_counts_against_max_pixels():
+@both_entry_points
+def test_canvas_of_animation_counts_against_max_pixels(render):
     data = noise_animation("GIF", 3)
 
     with pytest.raises(ImageRejected) as rejection:
-        process_image(data, "image/gif", max_pixels=63)
+        render(data, "image/gif", max_pixels=63)
 
     assert rejection.value.reason == RejectionReason.TOO_LARGE
     assert rejection.value.detail == "8x8 = 64 pixels exceeds the maximum of 63"
 
 
-def test_mutated_animated_gif_raises_only_rejection():
+# Both limits allow 3 frames of the 8x8 animation.
+@pytest.mark.parametrize(
+    ("render", "limits"),
+    [(process_image, {"max_frames": 3}), (make_renditions, {"max_animation_pixels": 3 * 64})],
+    ids=["process_image", "make_renditions"],
+)
+def test_mutated_animated_gif_raises_only_rejection(render, limits: dict):
     data = noise_animation("GIF", 6, comment=b"comment", loop=0)
 
     # Any exception other than ImageRejected, such as an IndexError from the frame count,
@@ -699,7 +889,7 @@ def test_mutated_animated_gif_raises_only_rejection():
     outcomes = set()
     for mutated in mutated_copies(data, count=300, seed=2):
         try:
-            process_image(mutated, "image/gif", max_pixels=MAX_PIXELS, max_frames=3)
+            render(mutated, "image/gif", max_pixels=MAX_PIXELS, **limits)
         except ImageRejected as rejection:
             outcomes.add(rejection.reason)
         else:
@@ -709,11 +899,12 @@ def test_mutated_animated_gif_raises_only_rejection():
     assert RejectionReason.CORRUPT in outcomes or RejectionReason.NOT_AN_IMAGE in outcomes
 
 
+@both_entry_points
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
-def test_png_transparency_is_kept(mode: str):
+def test_png_transparency_is_kept(render, mode: str):
     data = transparent_corner(mode)
 
-    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+    result = render(data, "image/png", max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     assert thumbnail.mode == "RGBA"
@@ -721,10 +912,11 @@ def test_png_transparency_is_kept(mode: str):
     assert thumbnail.getpixel((40, 40))[3] == 255
 
 
-def test_cmyk_jpeg_becomes_rgb():
+@both_entry_points
+def test_cmyk_jpeg_becomes_rgb(render):
     data = encode(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=95)
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     thumbnail = open_thumbnail(result)
     red, green, blue = thumbnail.getpixel((32, 32))
@@ -734,25 +926,27 @@ def test_cmyk_jpeg_becomes_rgb():
     assert blue < 30
 
 
-def test_16_bit_grey_keeps_brightness():
+@both_entry_points
+def test_16_bit_grey_keeps_brightness(render):
     data = encode(Image.new("I;16", (64, 64), 32768), "PNG")
     assert Image.open(io.BytesIO(data)).mode == "I;16"
 
-    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+    result = render(data, "image/png", max_pixels=MAX_PIXELS)
 
     red, green, blue = open_thumbnail(result).getpixel((32, 32))
     assert 120 < red < 136
     assert red == green == blue
 
 
+@both_entry_points
 @pytest.mark.parametrize(
     ("image_format", "claimed_type"), [("PNG", "image/png"), ("JPEG", "image/jpeg")]
 )
-def test_colour_profile_is_converted_to_srgb(image_format: str, claimed_type: str):
+def test_colour_profile_is_converted_to_srgb(render, image_format: str, claimed_type: str):
     grey = Image.new("RGB", (64, 64), (128, 128, 128))
     data = encode(grey, image_format, icc_profile=linear_light_profile(), quality=95)
 
-    result = process_image(data, claimed_type, max_pixels=MAX_PIXELS)
+    result = render(data, claimed_type, max_pixels=MAX_PIXELS)
 
     red, green, blue = open_thumbnail(result).getpixel((32, 32))
     assert 182 < red < 194
@@ -760,17 +954,19 @@ def test_colour_profile_is_converted_to_srgb(image_format: str, claimed_type: st
     assert "ICCP" not in webp_chunk_ids(result.thumbnail)
 
 
-def test_broken_colour_profile_is_ignored():
+@both_entry_points
+def test_broken_colour_profile_is_ignored(render):
     grey = Image.new("RGB", (64, 64), (128, 128, 128))
     data = encode(grey, "PNG", icc_profile=b"not an ICC profile" * 10)
 
-    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+    result = render(data, "image/png", max_pixels=MAX_PIXELS)
 
     red, _, _ = open_thumbnail(result).getpixel((32, 32))
     assert 124 < red < 132
 
 
-def test_gps_exif_stays_out_of_thumbnail():
+@both_entry_points
+def test_gps_exif_stays_out_of_thumbnail(render):
     exif = Image.Exif()
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
     gps[ExifTags.GPS.GPSLatitudeRef] = "N"
@@ -778,12 +974,13 @@ def test_gps_exif_stays_out_of_thumbnail():
     data = encode(marked_image(), "JPEG", exif=exif)
     assert Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.GPSInfo)
 
-    result = process_image(data, "image/jpeg", max_pixels=MAX_PIXELS)
+    result = render(data, "image/jpeg", max_pixels=MAX_PIXELS)
 
     assert_no_metadata(result.thumbnail)
 
 
-def test_thumbnail_is_antialiased():
+@both_entry_points
+def test_thumbnail_is_antialiased(render):
     # One-pixel stripes average to mid grey. Nearest-neighbour sampling would keep
     # only black or only white stripes.
     stripes = Image.new("L", (1024, 1024), 0)
@@ -791,24 +988,26 @@ def test_thumbnail_is_antialiased():
         stripes.paste(255, (0, row, 1024, row + 1))
     data = encode(stripes, "PNG")
 
-    result = process_image(data, "image/png", max_pixels=MAX_PIXELS)
+    result = render(data, "image/png", max_pixels=MAX_PIXELS)
 
     red, green, blue = open_thumbnail(result).getpixel((128, 128))
     assert 100 < red < 156
     assert red == green == blue
 
 
-def test_thumbnail_fits_requested_size():
+@both_entry_points
+def test_thumbnail_fits_requested_size(render):
     data = encode(marked_image(1000, 400), "PNG")
 
-    result = process_image(data, "image/png", max_pixels=MAX_PIXELS, thumbnail_size=100)
+    result = render(data, "image/png", max_pixels=MAX_PIXELS, thumbnail_size=100)
 
     assert open_thumbnail(result).size == (100, 40)
     assert (result.width, result.height) == (1000, 400)
 
 
-def test_result_and_rejection_survive_pickling():
-    result = process_image(encode(marked_image(), "PNG"), "image/png", max_pixels=MAX_PIXELS)
+@both_entry_points
+def test_result_and_rejection_survive_pickling(render):
+    result = render(encode(marked_image(), "PNG"), "image/png", max_pixels=MAX_PIXELS)
     rejection = ImageRejected(RejectionReason.TOO_LARGE, "5000x5000 = 25000000 pixels")
 
     restored_result = pickle.loads(pickle.dumps(result))
@@ -820,15 +1019,16 @@ def test_result_and_rejection_survive_pickling():
     assert str(restored_rejection) == "too large: 5000x5000 = 25000000 pixels"
 
 
-def test_process_pool_returns_result_and_rejection():
+@both_entry_points
+def test_process_pool_returns_result_and_rejection(render):
     data = encode(marked_image(), "PNG")
     spawn = multiprocessing.get_context("spawn")
 
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        processed = pool.submit(process_image, data, "image/png", max_pixels=MAX_PIXELS)
-        rejected = pool.submit(process_image, SVG, "image/png", max_pixels=MAX_PIXELS)
+        processed = pool.submit(render, data, "image/png", max_pixels=MAX_PIXELS)
+        rejected = pool.submit(render, SVG, "image/png", max_pixels=MAX_PIXELS)
 
-        assert processed.result() == process_image(data, "image/png", max_pixels=MAX_PIXELS)
+        assert processed.result() == render(data, "image/png", max_pixels=MAX_PIXELS)
         with pytest.raises(ImageRejected) as rejection:
             rejected.result()
 
@@ -848,3 +1048,428 @@ def test_process_pool_returns_result_and_rejection():
 def test_invalid_limits_raise_value_error(limits: dict):
     with pytest.raises(ValueError):
         process_image(encode(marked_image(), "PNG"), "image/png", **limits)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_pixels": 0},
+        {"max_pixels": MAX_PIXELS, "max_animation_pixels": 0},
+        {"max_pixels": MAX_PIXELS, "thumbnail_size": 0},
+        {"max_pixels": MAX_PIXELS, "display_size": 511},
+        {"max_pixels": MAX_PIXELS, "display_size": 20000},
+        {"max_pixels": MAX_PIXELS, "quality": -1},
+    ],
+)
+def test_invalid_rendition_limits_raise_value_error(limits: dict):
+    with pytest.raises(ValueError):
+        make_renditions(encode(marked_image(), "PNG"), "image/png", **limits)
+
+
+CORPUS_TYPES = {".jpg": "image/jpeg", ".heic": "image/heic", ".tiff": "image/tiff"}
+
+
+@pytest.mark.parametrize("folder", ["cameras", "gps", "mobile", "orientation", "heic", "tiff"])
+def test_corpus_renditions_are_upright_clean_and_fit(corpus_dir: Path, folder: str):
+    paths = sorted(
+        path for path in (corpus_dir / folder).iterdir() if path.suffix.lower() in CORPUS_TYPES
+    )
+    assert paths
+
+    for path in paths:
+        claimed_type = CORPUS_TYPES[path.suffix.lower()]
+        # pillow-heif decodes a HEIC upright and sets its EXIF orientation to 1.
+        upright = ImageOps.exif_transpose(Image.open(path))
+        if folder == "orientation":
+            upright = Image.open(path.with_name(path.name.split("_")[0] + "_1.jpg"))
+
+        result = make_renditions(path.read_bytes(), claimed_type, max_pixels=MAX_PIXELS)
+
+        assert result.content_type == claimed_type, path.name
+        assert (result.width, result.height) == upright.size, path.name
+        assert not result.animated, path.name
+        for name, (data, box) in rendition_boxes(result).items():
+            rendition = open_webp(data)
+            difference = mean_difference(grey_signature(rendition), grey_signature(upright))
+            assert rendition.size == upright_fit(upright.size, box), (path.name, name)
+            assert difference < SAME_PICTURE_MAX_DIFFERENCE, (path.name, name)
+            assert_no_metadata(data)
+        placeholder = open_placeholder(result.placeholder)
+        assert len(result.placeholder) <= PLACEHOLDER_MAX_LENGTH, path.name
+        assert placeholder.size == upright_fit(upright.size, PLACEHOLDER_SIZE), path.name
+
+
+@pytest.mark.parametrize("path", ["heic/IMG_5195.HEIC", "tiff/BSG1.tiff"])
+def test_corpus_colour_profile_is_applied_once(corpus_dir: Path, path: str):
+    data = (corpus_dir / path).read_bytes()
+    original = Image.open(io.BytesIO(data))
+    profile = original.info["icc_profile"]
+    stored = original.convert("RGB")
+    srgb = ImageCms.profileToProfile(stored, io.BytesIO(profile), ImageCms.createProfile("sRGB"))
+
+    result = make_renditions(data, CORPUS_TYPES[Path(path).suffix.lower()], max_pixels=MAX_PIXELS)
+
+    # The profile changes the colours enough to tell a converted rendition from one that is not.
+    assert max_difference(colour_signature(srgb), colour_signature(stored)) > 10
+    for name, (webp, _) in rendition_boxes(result).items():
+        rendition = colour_signature(open_webp(webp))
+        assert max_difference(rendition, colour_signature(srgb)) <= 6, name
+
+
+@pytest.mark.parametrize("claimed_type", ["image/heic", "image/heif"])
+def test_iphone_heic_matches_either_heif_type(corpus_dir: Path, claimed_type: str):
+    data = (corpus_dir / "heic" / "IMG_5195.HEIC").read_bytes()
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert result.content_type == "image/heic"
+    assert (result.width, result.height) == (2566, 3313)
+
+
+@pytest.mark.parametrize(
+    ("path", "claimed_type"),
+    [("heic/IMG_5195.HEIC", "image/jpeg"), ("tiff/BSG1.tiff", "image/png")],
+)
+def test_heic_and_tiff_type_mismatch(corpus_dir: Path, path: str, claimed_type: str):
+    data = (corpus_dir / path).read_bytes()
+
+    with pytest.raises(ImageRejected) as rejection:
+        make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.TYPE_MISMATCH
+
+
+@pytest.mark.parametrize("kept_fraction", [0.2, 0.5, 0.9, 0.99])
+def test_truncated_heic_is_corrupt(corpus_dir: Path, kept_fraction: float):
+    data = (corpus_dir / "heic" / "IMG_5195.HEIC").read_bytes()
+    truncated = data[: int(len(data) * kept_fraction)]
+
+    with pytest.raises(ImageRejected) as rejection:
+        make_renditions(truncated, "image/heic", max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.CORRUPT
+
+
+# Where the white square in the top left corner of the stored image ends up once upright.
+UPRIGHT_QUADRANTS = {
+    1: "top left",
+    2: "top right",
+    3: "bottom right",
+    4: "bottom left",
+    5: "top left",
+    6: "top right",
+    7: "bottom right",
+    8: "bottom left",
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"),
+    [
+        ("JPEG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("WEBP", "image/webp"),
+        ("TIFF", "image/tiff"),
+        ("HEIF", "image/heic"),
+    ],
+)
+def test_every_orientation_turns_renditions_upright(
+    image_format: str, claimed_type: str, orientation: int
+):
+    data = marked_with_orientation(image_format, orientation)
+    upright_size = (48, 96) if orientation >= 5 else (96, 48)
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert (result.width, result.height) == upright_size
+    for name, (webp, _) in rendition_boxes(result).items():
+        rendition = open_webp(webp)
+        assert rendition.size == upright_size, name
+        assert brightest_quadrant(rendition) == UPRIGHT_QUADRANTS[orientation], name
+        assert_no_metadata(webp)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_orientation_applies_after_draft(orientation: int):
+    # make_renditions decodes this 4096x2048 JPEG at 1/2 scale, which still covers 1600.
+    data = marked_with_orientation("JPEG", orientation, size=(4096, 2048))
+    turned = orientation >= 5
+
+    result = make_renditions(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    display = open_webp(result.display)
+    thumbnail = open_thumbnail(result)
+    assert (result.width, result.height) == ((2048, 4096) if turned else (4096, 2048))
+    assert display.size == ((800, 1600) if turned else (1600, 800))
+    assert thumbnail.size == ((128, 256) if turned else (256, 128))
+    assert brightest_quadrant(display) == UPRIGHT_QUADRANTS[orientation]
+    assert brightest_quadrant(thumbnail) == UPRIGHT_QUADRANTS[orientation]
+    assert_no_metadata(result.display)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((40, 30), {"display": (40, 30), "thumbnail_2x": (40, 30), "thumbnail": (40, 30)}),
+        ((300, 200), {"display": (300, 200), "thumbnail_2x": (300, 200), "thumbnail": (256, 171)}),
+        ((1000, 20), {"display": (1000, 20), "thumbnail_2x": (512, 10), "thumbnail": (256, 5)}),
+    ],
+)
+def test_small_image_is_never_enlarged(size: tuple[int, int], expected: dict):
+    data = encode(marked_image(*size), "PNG")
+
+    result = make_renditions(data, "image/png", max_pixels=MAX_PIXELS)
+
+    for name, (webp, _) in rendition_boxes(result).items():
+        assert open_webp(webp).size == expected[name], name
+    assert open_placeholder(result.placeholder).size == upright_fit(size, PLACEHOLDER_SIZE)
+
+
+@pytest.mark.parametrize(
+    "make_data", [lambda: plain_cmyk_jpeg((0, 255, 255, 0)), lambda: ycck_jpeg((0, 255, 255, 0))]
+)
+def test_cmyk_jpeg_without_adobe_convention_is_red(make_data):
+    data = make_data()
+    assert Image.open(io.BytesIO(data)).mode == "CMYK"
+
+    result = make_renditions(data, "image/jpeg", max_pixels=MAX_PIXELS)
+
+    red, green, blue = open_thumbnail(result).convert("RGB").getpixel((32, 32))
+    assert red > 220
+    assert green < 40
+    assert blue < 40
+
+
+@pytest.mark.parametrize(
+    ("mode", "maximum", "image_format", "claimed_type"),
+    [
+        ("I;16", 65535, "PNG", "image/png"),
+        # 12-bit samples in a 16-bit image, as scientific cameras write them.
+        ("I;16", 4095, "PNG", "image/png"),
+        ("I;16", 65535, "TIFF", "image/tiff"),
+        ("I;16B", 65535, "TIFF", "image/tiff"),
+        ("I", 65535, "TIFF", "image/tiff"),
+        ("F", 1.0, "TIFF", "image/tiff"),
+        ("F", 1000.0, "TIFF", "image/tiff"),
+    ],
+)
+def test_wide_grey_gradient_spans_dark_to_light(
+    mode: str, maximum: float, image_format: str, claimed_type: str
+):
+    data = encode(horizontal_gradient(mode, maximum), image_format)
+    assert Image.open(io.BytesIO(data)).mode == mode
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    thumbnail = open_thumbnail(result).convert("L")
+    left = thumbnail.getpixel((2, 16))
+    right = thumbnail.getpixel((thumbnail.width - 3, 16))
+    (mean,) = ImageStat.Stat(thumbnail).mean
+    assert left < 30
+    assert right > 225
+    assert 100 <= mean <= 155
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "P", "GIF"])
+def test_transparent_area_stays_light(kind: str):
+    data, claimed_type = transparent_quadrant(kind)
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    for name, (webp, _) in rendition_boxes(result).items():
+        rendition = open_webp(webp)
+        inside = (rendition.width // 8, rendition.height // 8)
+        outside = (rendition.width * 7 // 8, rendition.height * 7 // 8)
+        assert rendition.mode == "RGBA", name
+        assert rendition.getpixel(inside)[3] == 0, name
+        assert rendition.getpixel(outside)[3] == 255, name
+        # Shown on a white page, and shown by a viewer that drops the alpha channel.
+        assert min(on_white(rendition).getpixel(inside)) > 240, name
+        assert min(rendition.convert("RGB").getpixel(inside)) > 240, name
+    placeholder = open_placeholder(result.placeholder)
+    assert min(on_white(placeholder).getpixel((2, 2))) > 200
+    assert min(placeholder.convert("RGB").getpixel((2, 2))) > 200
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.frombytes("RGB", (256, 256), random.Random(1).randbytes(256 * 256 * 3)),
+        Image.frombytes("RGBA", (256, 256), random.Random(2).randbytes(256 * 256 * 4)),
+        marked_image(1024, 512),
+    ],
+    ids=["noise", "noise with alpha", "marked"],
+)
+def test_placeholder_is_a_short_webp_uri(image: Image.Image):
+    data = encode(image, "PNG")
+
+    result = make_renditions(data, "image/png", max_pixels=MAX_PIXELS)
+
+    placeholder = open_placeholder(result.placeholder)
+    assert len(result.placeholder) <= PLACEHOLDER_MAX_LENGTH
+    assert max(placeholder.size) == PLACEHOLDER_SIZE
+    assert METADATA_CHUNKS.isdisjoint(webp_chunk_ids(base64.b64decode(result.placeholder[23:])))
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"),
+    [("GIF", "image/gif"), ("PNG", "image/png"), ("WEBP", "image/webp")],
+)
+def test_animated_renditions_show_first_frame(image_format: str, claimed_type: str):
+    data = animation(image_format)
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    assert result.animated
+    for name, (webp, _) in rendition_boxes(result).items():
+        rendition = open_webp(webp)
+        red, green, blue = rendition.convert("RGB").getpixel((32, 16))
+        assert getattr(rendition, "n_frames", 1) == 1, name
+        assert red > 200, name
+        assert green < 60, name
+        assert blue < 60, name
+
+
+def test_gif_of_2000_small_frames_renders_quickly():
+    frames = [Image.new("P", (64, 64), index % 2) for index in range(2000)]
+    for frame in frames:
+        frame.putpalette([255, 0, 0, 0, 0, 255])
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=20)
+    assert Image.open(io.BytesIO(data)).n_frames == 2000
+
+    started = time.perf_counter()
+    result = make_renditions(data, "image/gif", max_pixels=MAX_PIXELS)
+    elapsed = time.perf_counter() - started
+
+    red, green, blue = open_thumbnail(result).convert("RGB").getpixel((32, 32))
+    assert result.animated
+    assert elapsed < 1.0
+    assert red > 200
+    assert green < 60
+    assert blue < 60
+
+
+def test_many_frames_on_large_canvas_are_too_large():
+    # 200 frames of 4000x4000 are 3.2 billion pixels in all. Each frame is within max_pixels.
+    data = gif_of_tiny_frames(200, canvas=(4000, 4000))
+    assert 200 * 4000 * 4000 > DEFAULT_MAX_ANIMATION_PIXELS
+
+    with pytest.raises(ImageRejected) as rejection:
+        make_renditions(data, "image/gif", max_pixels=MAX_PIXELS)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+    assert "4000x4000" in rejection.value.detail
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"),
+    [("GIF", "image/gif"), ("PNG", "image/png"), ("WEBP", "image/webp")],
+)
+def test_animation_at_pixel_budget_renders(image_format: str, claimed_type: str):
+    data = noise_animation(image_format, 30)
+    budget = 30 * 8 * 8
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS, max_animation_pixels=budget)
+    with pytest.raises(ImageRejected) as rejection:
+        make_renditions(data, claimed_type, max_pixels=MAX_PIXELS, max_animation_pixels=budget - 1)
+
+    assert result.animated
+    assert open_thumbnail(result).size == (8, 8)
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+
+
+def test_apng_declared_frame_count_counts_against_budget():
+    data = with_actl_frame_count(noise_animation("PNG", 2), 1001)
+
+    with pytest.raises(ImageRejected) as rejection:
+        make_renditions(data, "image/png", max_pixels=MAX_PIXELS, max_animation_pixels=1000 * 64)
+
+    assert rejection.value.reason == RejectionReason.TOO_LARGE
+
+
+def test_still_image_ignores_animation_budget():
+    data = encode(marked_image(), "GIF")
+
+    result = make_renditions(data, "image/gif", max_pixels=MAX_PIXELS, max_animation_pixels=1)
+
+    assert not result.animated
+    assert open_thumbnail(result).size == (96, 48)
+
+
+def test_multi_page_tiff_renders_first_page():
+    pages = [Image.new("RGB", (64, 32), colour) for colour in ("red", "blue")]
+    data = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+
+    result = make_renditions(data, "image/tiff", max_pixels=MAX_PIXELS)
+
+    red, green, blue = open_thumbnail(result).getpixel((32, 16))
+    assert not result.animated
+    assert red > 200
+    assert green < 60
+    assert blue < 60
+
+
+def png_with_metadata(image: Image.Image, exif: Image.Exif, icc_profile: bytes) -> bytes:
+    text = PngImagePlugin.PngInfo()
+    text.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"/>')
+    return encode(image, "PNG", exif=exif, icc_profile=icc_profile, pnginfo=text)
+
+
+@pytest.mark.parametrize(
+    ("image_format", "claimed_type"),
+    [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp"), ("TIFF", "image/tiff")],
+)
+def test_metadata_stays_out_of_every_rendition(image_format: str, claimed_type: str):
+    exif = orientation_exif(1)
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] = "N"
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'
+    image = marked_image(2048, 1024)
+    if image_format == "PNG":
+        data = png_with_metadata(image, exif, linear_light_profile())
+    else:
+        data = encode(image, image_format, exif=exif, xmp=xmp, icc_profile=linear_light_profile())
+    assert Image.open(io.BytesIO(data)).getexif()
+
+    result = make_renditions(data, claimed_type, max_pixels=MAX_PIXELS)
+
+    for name, (webp, _) in rendition_boxes(result).items():
+        assert b"xmpmeta" not in webp, name
+        assert_no_metadata(webp)
+    placeholder = base64.b64decode(result.placeholder.removeprefix("data:image/webp;base64,"))
+    assert METADATA_CHUNKS.isdisjoint(webp_chunk_ids(placeholder))
+
+
+# The child process reports how far its peak resident set size grew during one call.
+MEASURE_PEAK_GROWTH = """
+import resource, sys
+from gallery.imaging import make_renditions
+from tests.support import make_jpeg
+data = open(sys.argv[1], "rb").read()
+make_renditions(make_jpeg(), "image/jpeg", max_pixels=10**8)
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+make_renditions(data, "image/jpeg", max_pixels=10**8)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - baseline) * 1024)
+"""
+
+
+def test_24_megapixel_jpeg_decodes_within_64_mib(tmp_path: Path):
+    # Noise on a gradient, so the JPEG is as large as a real photo's.
+    image = Image.linear_gradient("L").resize((6000, 4000)).convert("RGB")
+    image = ImageChops.add(image, Image.effect_noise((6000, 4000), 10).convert("RGB"), offset=-100)
+    path = tmp_path / "24mp.jpg"
+    image.save(path, "JPEG", quality=90)
+    del image
+
+    child = subprocess.run(
+        [sys.executable, "-c", MEASURE_PEAK_GROWTH, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+
+    growth = int(child.stdout)
+    assert growth < 64 * 1024 * 1024
