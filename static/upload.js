@@ -47,12 +47,26 @@
     view.row.dataset.state = kind;
   }
 
+  // Browsers leave the type of some photo formats empty, so it is taken from the name.
+  const TYPES_BY_EXTENSION = {
+    heic: "image/heic",
+    heif: "image/heif",
+    tif: "image/tiff",
+    tiff: "image/tiff",
+  };
+
+  function contentType(file) {
+    if (file.type) return file.type;
+    const extension = file.name.split(".").pop().toLowerCase();
+    return TYPES_BY_EXTENSION[extension] || "";
+  }
+
   // Checks what the signed form would reject anyway, so the user learns it before uploading.
   function problemWith(file, uploader) {
     const allowed = uploader.dataset.allowedTypes.split(",");
     const maxBytes = Number(uploader.dataset.maxBytes);
-    if (!allowed.includes(file.type)) {
-      return "rejected: only JPEG, PNG, WebP and GIF images can be uploaded";
+    if (!allowed.includes(contentType(file))) {
+      return "rejected: only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded";
     }
     if (file.size < 1 || file.size > maxBytes) {
       const limitMiB = Number((maxBytes / 1048576).toFixed(1));
@@ -71,7 +85,11 @@
       const response = await fetch(uploader.dataset.createUrl, {
         method: "POST",
         headers: { "Content-Type": "application/json", "x-csrftoken": csrfToken() },
-        body: JSON.stringify({ filename: file.name, content_type: file.type, size: file.size }),
+        body: JSON.stringify({
+          filename: file.name,
+          content_type: contentType(file),
+          size: file.size,
+        }),
         credentials: "same-origin",
       });
       const body = await response.json().catch(() => ({}));

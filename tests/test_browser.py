@@ -68,7 +68,7 @@ HORIZONTAL_OVERFLOW = "document.documentElement.scrollWidth - document.documentE
 # True once `count` tiles show a thumbnail that the browser has fetched and decoded.
 ALL_THUMBNAILS_LOADED = """
 (count) => {
-  const images = Array.from(document.querySelectorAll(".tile img"));
+  const images = Array.from(document.querySelectorAll(".tile img.thumbnail"));
   return images.length === count && images.every((image) => image.complete && image.naturalWidth > 0);
 }
 """
@@ -252,7 +252,7 @@ async def test_page_rejects_files_before_upload(
     await expect(rows).to_have_count(len(files))
     for index in range(len(files)):
         await expect(rows.nth(index)).to_have_attribute("data-state", "failed")
-    wrong_type = "rejected: only JPEG, PNG, WebP and GIF images can be uploaded"
+    wrong_type = "rejected: only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded"
     await expect(rows.nth(0)).to_contain_text(wrong_type)
     await expect(rows.nth(1)).to_contain_text(wrong_type)
     await expect(rows.nth(2)).to_contain_text("rejected: larger than the 5 MiB limit")

@@ -141,8 +141,8 @@ async def test_truncated_jpeg_is_rejected(client, run_worker):
 @pytest.mark.parametrize(
     ("content_type", "size", "message"),
     [
-        ("image/svg+xml", 100, "Only JPEG, PNG, WebP and GIF"),
-        ("text/html", 100, "Only JPEG, PNG, WebP and GIF"),
+        ("image/svg+xml", 100, "Only JPEG, PNG, WebP, GIF, HEIC and TIFF"),
+        ("text/html", 100, "Only JPEG, PNG, WebP, GIF, HEIC and TIFF"),
         ("image/jpeg", 0, "between 1 byte and"),
         ("image/jpeg", 6 * 1024 * 1024, "between 1 byte and"),
     ],

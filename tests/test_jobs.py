@@ -147,13 +147,17 @@ async def test_public_endpoint_names_the_browsers_host(s3_server, settings, stor
     assert response.content == b"thumbnail"
 
 
-async def test_frames_over_setting_are_rejected(client, settings, store, redis):
+async def test_animation_over_pixel_budget_is_rejected(client, settings, store, redis):
+    # 3 frames of 8x8 are 192 frame pixels, over a budget of 2 frames.
     frames = [Image.new("RGB", (8, 8), (40 * number, 0, 0)) for number in range(3)]
     buffer = BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     upload_id = await client.upload(buffer.getvalue(), "moving.gif", "image/gif")
     worker = make_worker(
-        replace(settings, max_frames=2), burst=True, poll_delay=0.05, handle_signals=False
+        replace(settings, max_animation_pixels=2 * 8 * 8),
+        burst=True,
+        poll_delay=0.05,
+        handle_signals=False,
     )
 
     try:

@@ -101,7 +101,7 @@ async def test_security_headers_on_every_response(client, settings, path):
     assert "script-src 'self';" in policy
     assert "'unsafe-inline'" not in policy
     assert "'unsafe-eval'" not in policy
-    assert f"img-src 'self' {settings.s3_endpoint_url};" in policy
+    assert f"img-src 'self' {settings.s3_endpoint_url} data:;" in policy
 
 
 async def test_pages_have_no_inline_script_or_style(client):

@@ -13,7 +13,7 @@ from arq import Retry
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gallery import index, jobs, storage
-from gallery.imaging import ImageRejected, ProcessedImage, process_image
+from gallery.imaging import ImageRejected, Renditions, make_renditions
 from gallery.index import State, Upload
 
 logger = logging.getLogger(__name__)
@@ -83,13 +83,14 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         processed = await asyncio.get_running_loop().run_in_executor(
             ctx["pool"],
             partial(
-                process_image,
+                make_renditions,
                 data,
                 upload.content_type,
                 max_pixels=settings.max_pixels,
-                max_frames=settings.max_frames,
+                max_animation_pixels=settings.max_animation_pixels,
                 thumbnail_size=settings.thumbnail_size,
-                quality=settings.thumbnail_quality,
+                display_size=settings.display_size,
+                quality=settings.rendition_quality,
             ),
         )
     except ImageRejected as rejection:
@@ -107,6 +108,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         width=processed.width,
         height=processed.height,
         size=len(data),
+        placeholder=processed.placeholder,
     )
     if not ready:
         # The owner deleted the image while this job ran: leave nothing behind.
@@ -125,7 +127,7 @@ def _check_object(upload: Upload, info: storage.ObjectInfo, is_incoming: bool) -
 
 
 async def _store_image(
-    store: storage.Storage, upload: Upload, data: bytes, processed: ProcessedImage
+    store: storage.Storage, upload: Upload, data: bytes, processed: Renditions
 ) -> None:
     # The metadata lets the index be rebuilt from the bucket alone.
     metadata = {
@@ -139,13 +141,19 @@ async def _store_image(
         content_type=processed.content_type,
         metadata=metadata,
     )
-    await store.write(
-        storage.thumbnail_key(upload.user_id, upload.id),
-        processed.thumbnail,
-        content_type=processed.thumbnail_type,
-        metadata={"owner": upload.user_id},
-        cache_control=storage.THUMBNAIL_CACHE_CONTROL,
+    renditions = zip(
+        storage.rendition_keys(upload.user_id, upload.id),
+        (processed.thumbnail, processed.thumbnail_2x, processed.display),
+        strict=True,
     )
+    for key, body in renditions:
+        await store.write(
+            key,
+            body,
+            content_type=processed.rendition_type,
+            metadata={"owner": upload.user_id},
+            cache_control=storage.RENDITION_CACHE_CONTROL,
+        )
 
 
 async def purge_abandoned(ctx: dict[str, Any]) -> int:

@@ -30,16 +30,20 @@ logger = logging.getLogger(__name__)
 
 MAX_FILENAME_LENGTH = 255
 
+# The type of every rendition the worker makes.
+RENDITION_TYPE = "image/webp"
+
 # What a browser is told to wait before asking again when too many uploads are pending.
 PENDING_RETRY_SECONDS = 5
 
 
 @dataclass(frozen=True)
 class Tile:
-    """An upload as the grid shows it, with its thumbnail URL once it is ready."""
+    """An upload as the grid shows it, with its thumbnail URLs once it is ready."""
 
     upload: Upload
-    thumbnail_url: str | None
+    thumbnail_url: str | None = None
+    thumbnail_2x_url: str | None = None
 
 
 @dataclass
@@ -52,11 +56,16 @@ class UploadRequest:
 async def make_tiles(uploads: list[Upload], store: Storage) -> list[Tile]:
     tiles = []
     for upload in uploads:
-        url = None
-        if upload.state == State.READY:
-            key = storage.thumbnail_key(upload.user_id, upload.id)
-            url = await store.presign_get(key, content_type="image/webp")
-        tiles.append(Tile(upload, url))
+        if upload.state != State.READY:
+            tiles.append(Tile(upload))
+            continue
+        url = await store.presign_get(
+            storage.thumbnail_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
+        )
+        url_2x = await store.presign_get(
+            storage.thumbnail_2x_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
+        )
+        tiles.append(Tile(upload, url, url_2x))
     return tiles
 
 
@@ -160,7 +169,7 @@ def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None
     if not data.filename.strip():
         return "The file has no name."
     if data.content_type not in storage.ALLOWED_UPLOAD_TYPES:
-        return "Only JPEG, PNG, WebP and GIF images can be uploaded."
+        return "Only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded."
     if not 1 <= data.size <= settings.max_upload_bytes:
         limit_mib = settings.max_upload_bytes / (1024 * 1024)
         return f"Files must be between 1 byte and {limit_mib:g} MiB."
@@ -202,6 +211,24 @@ async def show_tile(
         return Redirect(request.app.route_reverse("images:gallery"))
     tiles = await make_tiles([upload], store)
     return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]})
+
+
+@get("/images/{image_id:str}/view", name="images:view")
+async def view_image(
+    request: HTMXRequest,
+    image_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Template:
+    """Show one image at display size, with its name and a download link."""
+    upload = await index.get_owned_upload(redis, _user_id(request), image_id)
+    if upload is None or upload.state != State.READY:
+        raise NotFoundException("No such image.")
+    display_url = await store.presign_get(
+        storage.display_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
+    )
+    context = {"upload": upload, "display_url": display_url, "user": current_user(request)}
+    return Template("view.html", context=context)
 
 
 @get("/images/{image_id:str}/original", name="images:original")
@@ -249,6 +276,7 @@ router = Router(
         create_upload,
         complete_upload,
         show_tile,
+        view_image,
         download_original,
         delete_image,
     ],

@@ -41,6 +41,8 @@ class Upload:
     width: int = 0
     height: int = 0
     size: int = 0
+    # A data URI of a tiny preview, shown until the thumbnail has loaded.
+    placeholder: str = ""
 
     @property
     def is_processing(self) -> bool:
@@ -180,7 +182,14 @@ async def mark_uploaded(redis: Redis, upload: Upload) -> bool:
 
 
 async def mark_ready(
-    redis: Redis, upload: Upload, *, content_type: str, width: int, height: int, size: int
+    redis: Redis,
+    upload: Upload,
+    *,
+    content_type: str,
+    width: int,
+    height: int,
+    size: int,
+    placeholder: str = "",
 ) -> bool:
     """Mark an upload ready; False when its owner deleted it while the job ran."""
     values = {
@@ -189,6 +198,7 @@ async def mark_ready(
         "width": str(width),
         "height": str(height),
         "size": str(size),
+        "placeholder": placeholder,
         "reason": "",
     }
     return await _finish(redis, upload, values)

@@ -16,12 +16,13 @@ def security_headers(settings: Settings) -> dict[str, str]:
 
     Scripts and styles come only from our own static files. Images, the upload request and
     the no-JavaScript upload form may also reach the S3 endpoint that presigned URLs name.
+    Images may be data URIs, for the tiny previews that the worker makes.
     No Referer is sent, so a page's URL never travels to S3 or elsewhere.
     """
     s3 = _origin(settings.presign_endpoint_url)
     policy = (
         "default-src 'none'; script-src 'self'; style-src 'self'; "
-        f"img-src 'self' {s3}; connect-src 'self' {s3}; form-action 'self' {s3}; "
+        f"img-src 'self' {s3} data:; connect-src 'self' {s3}; form-action 'self' {s3}; "
         "frame-ancestors 'none'; base-uri 'none'"
     )
     return {

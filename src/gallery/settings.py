@@ -49,12 +49,16 @@ class Settings:
     # Uploads and images
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 50_000_000
-    # The most frames an animated GIF, PNG or WebP may have.
-    max_frames: int = 1000
+    # The most frames times canvas pixels an animated GIF, PNG or WebP may have: decoding
+    # an animation for playback costs every frame. 1000 frames of 1920x1080.
+    max_animation_pixels: int = 1000 * 1920 * 1080
     upload_form_seconds: int = 300
     url_expiry_seconds: int = 600
+    # The longer side of a grid thumbnail (a second one is twice this, for dense screens),
+    # and of the image the viewer shows, in pixels.
     thumbnail_size: int = 256
-    thumbnail_quality: int = 80
+    display_size: int = 1600
+    rendition_quality: int = 80
     page_size: int = 60
 
     # Abuse limits
@@ -95,7 +99,8 @@ class Settings:
         positive = (
             "max_upload_bytes",
             "max_pixels",
-            "max_frames",
+            "max_animation_pixels",
+            "display_size",
             "thumbnail_size",
             "page_size",
             "port",

@@ -22,13 +22,23 @@ from gallery.settings import Settings
 logger = logging.getLogger(__name__)
 
 # Content types an upload form may be signed for. Never SVG or HTML, because a browser
-# runs the scripts inside them.
-ALLOWED_UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
+# runs the scripts inside them. Browsers cannot show HEIC or TIFF, but only the worker's
+# WebP renditions are ever shown.
+ALLOWED_UPLOAD_TYPES = (
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/heic",
+    "image/heif",
+    "image/tiff",
+)
 
 # DeleteObjects takes at most this many keys per request.
 DELETE_BATCH_SIZE = 1000
 
-THUMBNAIL_CACHE_CONTROL = "private, max-age=31536000, immutable"
+# Renditions never change under their key, so a browser may keep them as long as it likes.
+RENDITION_CACHE_CONTROL = "private, max-age=31536000, immutable"
 
 # Lifecycle rules that ensure_bucket sets. S3 deletes upload objects that no worker
 # finished, and the parts of multipart uploads never completed, this many days after they
@@ -56,12 +66,29 @@ def thumbnail_key(user_id: str, image_id: str) -> str:
     return f"u/{user_id}/t/{image_id}.webp"
 
 
+def thumbnail_2x_key(user_id: str, image_id: str) -> str:
+    return f"u/{user_id}/t2/{image_id}.webp"
+
+
+def display_key(user_id: str, image_id: str) -> str:
+    return f"u/{user_id}/d/{image_id}.webp"
+
+
+def rendition_keys(user_id: str, image_id: str) -> list[str]:
+    """Return the keys of the WebP renditions the worker makes of an image."""
+    return [
+        thumbnail_key(user_id, image_id),
+        thumbnail_2x_key(user_id, image_id),
+        display_key(user_id, image_id),
+    ]
+
+
 def image_keys(user_id: str, image_id: str) -> list[str]:
     """Return every key an image may have, whatever state it reached."""
     return [
         incoming_key(user_id, image_id),
         original_key(user_id, image_id),
-        thumbnail_key(user_id, image_id),
+        *rendition_keys(user_id, image_id),
     ]
 
 
