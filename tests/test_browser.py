@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -318,6 +319,32 @@ async def test_upload_waits_while_too_many_are_pending(
     # Chromium logs every 429 answer as a console error; nothing else may appear.
     assert console_errors
     assert all("429" in error for error in console_errors), console_errors
+
+
+async def test_tile_opens_viewer_with_display_image(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    corpus_dir: Path,
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, base_url)
+    await page.locator("#file-input").set_input_files([corpus_dir / "orientation/Portrait_6.jpg"])
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
+
+    await page.locator(".tile a.frame").click()
+    await expect(page).to_have_url(re.compile(rf"{re.escape(base_url)}/images/\w+/view"))
+    display = page.locator("img.display")
+    await page.wait_for_function("() => document.querySelector('img.display').naturalWidth > 0")
+    size = await display.evaluate(
+        "(image) => ({width: image.naturalWidth, height: image.naturalHeight})"
+    )
+    await save_screenshot(page, "9-viewer")
+    await page.get_by_role("link", name="← All photos").click()
+    await expect(page).to_have_url(f"{base_url}/images")
+
+    assert size == {"width": 1067, "height": 1600}
+    assert console_errors == []
 
 
 async def sign_up(page: Page, base_url: str) -> str:
