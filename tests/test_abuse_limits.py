@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import replace
 
@@ -147,3 +148,14 @@ async def test_successful_signin_resets_account_count(client, signin_client):
 
     assert signed_in.status_code == 200
     assert client.username in signed_in.text
+
+
+async def test_expired_unused_form_frees_pending_slot(make_client, settings):
+    limited = replace(settings, max_pending_uploads=1, upload_form_seconds=1)
+    client = await make_client(app_settings=limited)
+    assert (await client.request_form("a.jpg", "image/jpeg", 100)).status_code == 201
+    assert (await client.request_form("b.jpg", "image/jpeg", 100)).status_code == 429
+
+    await asyncio.sleep(1.2)
+
+    assert (await client.request_form("c.jpg", "image/jpeg", 100)).status_code == 201

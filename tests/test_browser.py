@@ -304,7 +304,7 @@ async def test_upload_waits_while_too_many_are_pending(
     user_id = (await redis.get(f"gallery:username:{username.lower()}")).decode()
     pending_key = f"gallery:user-pending:{user_id}"
     placeholders = [f"placeholder{number}" for number in range(served_settings.max_pending_uploads)]
-    await redis.sadd(pending_key, *placeholders)
+    await redis.zadd(pending_key, dict.fromkeys(placeholders, float("inf")))
 
     await page.locator("#file-input").set_input_files([corpus_dir / PHOTOS[0]])
     row = page.locator(".upload-row")
@@ -312,7 +312,7 @@ async def test_upload_waits_while_too_many_are_pending(
         "waiting for earlier uploads to be checked"
     )
     await save_screenshot(page, "8-waiting-for-pending-uploads")
-    await redis.srem(pending_key, *placeholders)
+    await redis.zrem(pending_key, *placeholders)
 
     await expect(row.locator(".upload-state")).to_have_text("uploaded")
     await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)

@@ -318,3 +318,25 @@ async def test_purge_deletes_abandoned_upload_once_per_tick(client, store, redis
 async def _user_id(client, redis) -> str:
     raw = await redis.get(f"gallery:username:{client.username.lower()}")
     return raw.decode()
+
+
+async def test_form_accepts_no_more_than_reported_size(client, store):
+    data = make_jpeg(400, 300)
+    response = await client.request_form("small.jpg", "image/jpeg", len(data) - 1)
+    form = response.json()
+
+    posted = await post_to_s3(form, data)
+
+    assert posted.status_code == 400
+    assert "EntityTooLarge" in posted.text
+    assert await store.head(form["fields"]["key"]) is None
+
+
+async def test_control_characters_leave_the_filename(client, redis):
+    response = await client.request_form("bad\x00name\r\nSet-Cookie: x.jpg", "image/jpeg", 100)
+    only_controls = await client.request_form("\x00\x1f\x7f", "image/jpeg", 100)
+
+    upload = await index.get_upload(redis, response.json()["id"])
+    assert upload.filename == "badnameSet-Cookie: x.jpg"
+    assert only_controls.status_code == 400
+    assert only_controls.json()["error"] == "The file has no name."

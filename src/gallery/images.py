@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,9 +134,10 @@ async def create_upload(
         upload = await index.create_upload(
             redis,
             user_id=user_id,
-            filename=data.filename.strip()[:MAX_FILENAME_LENGTH],
+            filename=clean_filename(data.filename),
             content_type=data.content_type,
-            max_bytes=settings.max_upload_bytes,
+            # The form accepts exactly the size the page reported, so S3 refuses any other.
+            max_bytes=data.size,
             form_seconds=settings.upload_form_seconds,
             max_pending=settings.max_pending_uploads,
         )
@@ -164,9 +166,15 @@ def _too_many_requests(message: str, retry_after: int) -> Response[dict[str, Any
     return Response({"error": message}, status_code=HTTP_429_TOO_MANY_REQUESTS, headers=headers)
 
 
+def clean_filename(filename: str) -> str:
+    """Return a file name without control characters, trimmed, at most 255 characters."""
+    printable = "".join(char for char in filename if unicodedata.category(char) != "Cc")
+    return printable.strip()[:MAX_FILENAME_LENGTH]
+
+
 def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None:
     """Return what is wrong with a request for an upload form, in words for the user."""
-    if not data.filename.strip():
+    if not clean_filename(data.filename):
         return "The file has no name."
     if data.content_type not in storage.ALLOWED_UPLOAD_TYPES:
         return "Only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded."

@@ -62,7 +62,11 @@ PENDING_KEY = f"{PREFIX}:pending"
 
 
 def _user_pending_key(user_id: str) -> str:
-    """Return the key of the set of a user's uploads that are not ready or rejected yet."""
+    """Return the key of a user's uploads that are not ready or rejected yet.
+
+    A sorted set: an issued upload is scored by its form's expiry time, so an unused form
+    stops counting when it expires, and an uploaded one by +inf until its job finishes.
+    """
     return f"{PREFIX}:user-pending:{user_id}"
 
 
@@ -75,21 +79,23 @@ _MARK_UPLOADED = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'issued' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'uploaded')
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
 return 1
 """
 
 # The cap check and the insert happen in one step, so parallel requests cannot pass it.
 _CREATE = """
-if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[4])
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return 1
 """
 
 # A record deleted by its owner while a job ran must not come back.
 _FINISH = """
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -153,7 +159,7 @@ async def create_upload(
     )
     flat = [item for pair in _encode(upload).items() for item in pair]
     keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(user_id))
-    args = (max_pending, upload.id, upload.form_expires_at, *flat)
+    args = (max_pending, upload.id, upload.form_expires_at, now, *flat)
     if not await redis.eval(_CREATE, len(keys), *keys, *args):
         raise TooManyPendingUploads(user_id)
     return upload
@@ -174,7 +180,12 @@ async def get_owned_upload(redis: Redis, user_id: str, upload_id: str) -> Upload
 async def mark_uploaded(redis: Redis, upload: Upload) -> bool:
     """Move an issued upload into its owner's grid; False when it had already moved on."""
     moved = await redis.eval(
-        _MARK_UPLOADED, 2, _record_key(upload.id), _grid_key(upload.user_id), upload.id
+        _MARK_UPLOADED,
+        3,
+        _record_key(upload.id),
+        _grid_key(upload.user_id),
+        _user_pending_key(upload.user_id),
+        upload.id,
     )
     if moved:
         upload.state = State.UPLOADED
@@ -220,7 +231,7 @@ async def delete_upload(redis: Redis, upload: Upload) -> bool:
         pipe.delete(_record_key(upload.id))
         pipe.zrem(_grid_key(upload.user_id), upload.id)
         pipe.zrem(PENDING_KEY, upload.id)
-        pipe.srem(_user_pending_key(upload.user_id), upload.id)
+        pipe.zrem(_user_pending_key(upload.user_id), upload.id)
         deleted, *_ = await pipe.execute()
     return bool(deleted)
 
