@@ -9,7 +9,7 @@ from io import BytesIO
 import httpx
 from PIL import Image
 
-from gallery import index
+from gallery import index, storage
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import make_jpeg, post_to_s3
@@ -166,3 +166,50 @@ async def test_animation_over_pixel_budget_is_rejected(client, settings, store, 
         await worker.close()
 
     assert "Rejected: too large" in (await client.tile(upload_id)).text
+
+
+async def _purge_now(redis, store, settings) -> int:
+    await redis.delete(f"gallery:lock:purge:{int(time.time() // 60)}")
+    ctx = {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=0)}
+    return await purge_abandoned(ctx)
+
+
+async def test_purge_deletes_file_posted_again_after_ready(
+    client, run_worker, store, redis, settings
+):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    assert (await post_to_s3(form, data)).status_code == 201
+    await client.complete(form["id"])
+    await run_worker()
+    assert (await post_to_s3(form, data)).status_code == 201
+
+    await _purge_now(redis, store, settings)
+
+    upload = await index.get_upload(redis, form["id"])
+    assert upload.state == State.READY
+    assert await store.head(form["fields"]["key"]) is None
+    assert await store.head(storage.original_key(upload.user_id, upload.id)) is not None
+
+
+async def test_purge_deletes_file_posted_after_delete(client, store, redis, settings):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    await client.complete(form["id"])
+    await client.delete(form["id"])
+    assert (await post_to_s3(form, data)).status_code == 201
+
+    await _purge_now(redis, store, settings)
+
+    assert await store.head(form["fields"]["key"]) is None
+
+
+async def test_purge_keeps_file_of_waiting_upload(client, store, redis, settings):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    assert (await post_to_s3(form, data)).status_code == 201
+
+    await _purge_now(redis, store, settings)
+
+    assert await store.head(form["fields"]["key"]) is not None
+    assert (await index.get_upload(redis, form["id"])).state == State.ISSUED

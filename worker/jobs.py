@@ -159,15 +159,19 @@ async def _store_image(
 async def purge_abandoned(ctx: dict[str, Any]) -> int:
     """Delete uploads whose form expired unused; queue again those whose job went missing.
 
-    Runs once per tick however many workers run: the first worker to claim the tick's lock
-    in Redis does the work.
+    Also deletes stray objects under the incoming prefix: a form stays valid for minutes
+    and S3 accepts it more than once, so a file can arrive after its upload was finished,
+    rejected or deleted. Runs once per tick however many workers run: the first worker to
+    claim the tick's lock in Redis does the work. Returns how many uploads and stray
+    objects it deleted.
     """
     redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
     tick = int(time.time() // 60)
     if not await redis.set(f"{index.PREFIX}:lock:purge:{tick}", "1", nx=True, ex=120):
         return 0
 
-    overdue = await index.overdue_uploads(redis, time.time() - settings.purge_grace_seconds)
+    cutoff = time.time() - settings.purge_grace_seconds
+    overdue = await index.overdue_uploads(redis, cutoff)
     abandoned = [upload for upload in overdue if upload.state == State.ISSUED]
     await store.delete(storage.incoming_key(u.user_id, u.id) for u in abandoned)
     for upload in abandoned:
@@ -175,10 +179,27 @@ async def purge_abandoned(ctx: dict[str, Any]) -> int:
     for upload in overdue:
         if upload.state == State.UPLOADED:
             await jobs.enqueue_verify(redis, upload.id)
-    if overdue:
+    stray = await _stray_incoming_keys(redis, store, cutoff)
+    await store.delete(stray)
+    if overdue or stray:
         logger.info(
-            "purged %d abandoned uploads, queued %d again",
+            "purged %d abandoned uploads and %d stray objects, queued %d again",
             len(abandoned),
+            len(stray),
             len(overdue) - len(abandoned),
         )
-    return len(abandoned)
+    return len(abandoned) + len(stray)
+
+
+async def _stray_incoming_keys(redis: Any, store: storage.Storage, cutoff: float) -> list[str]:
+    """Return incoming keys older than the cutoff whose upload no longer waits for a file."""
+    stray = []
+    async for key, modified_at in store.list_objects(storage.INCOMING_LIFECYCLE_PREFIX):
+        if modified_at > cutoff:
+            continue
+        _, user_id, upload_id = key.split("/", 2)
+        upload = await index.get_upload(redis, upload_id)
+        waiting = upload is not None and upload.is_processing and upload.user_id == user_id
+        if not waiting:
+            stray.append(key)
+    return stray

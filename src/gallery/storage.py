@@ -330,10 +330,15 @@ class Storage:
 
     async def list_keys(self, prefix: str) -> AsyncIterator[str]:
         """Yield every key under a prefix; for maintenance, never to render a page."""
+        async for key, _ in self.list_objects(prefix):
+            yield key
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
+        """Yield each key under a prefix with its last-modified time as a Unix timestamp."""
         paginator = self._client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                yield item["Key"]
+                yield item["Key"], item["LastModified"].timestamp()
 
 
 def lifecycle_rules() -> list[dict[str, Any]]:
