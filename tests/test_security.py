@@ -104,6 +104,19 @@ async def test_security_headers_on_every_response(client, settings, path):
     assert f"img-src 'self' {settings.s3_endpoint_url} data:;" in policy
 
 
+@pytest.mark.parametrize("path", ["/images", "/images/0123abcd/tile", "/signin"])
+async def test_pages_are_not_stored_by_browsers(client, path):
+    response = await client.http.get(path, headers=HTMX if "tile" in path else {})
+
+    assert response.headers["cache-control"] == "no-store"
+
+
+async def test_static_files_may_be_cached(client):
+    response = await client.http.get("/static/gallery.css")
+
+    assert "no-store" not in response.headers.get("cache-control", "")
+
+
 async def test_pages_have_no_inline_script_or_style(client):
     page = await client.http.get("/images")
 

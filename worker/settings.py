@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AsyncExitStack
 from typing import Any
@@ -26,8 +27,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["stack"] = stack
     ctx["store"] = await stack.enter_async_context(Storage.open(ctx["settings"]))
     # Spawned, not forked: a fork would copy the event loop and open sockets.
+    # The pool's processes ignore Ctrl-C, which reaches the whole process group: the worker
+    # shuts the pool down itself.
     ctx["pool"] = ProcessPoolExecutor(
-        max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")
+        max_workers=os.cpu_count() or 1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN),
     )
     logger.info("worker started")
 

@@ -10,6 +10,8 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gallery.settings import Settings
 
+STATIC_PATH = "/static/"
+
 
 def security_headers(settings: Settings) -> dict[str, str]:
     """Return the headers every response carries.
@@ -43,7 +45,9 @@ def security_headers_middleware(headers: dict[str, str]) -> Callable[[ASGIApp], 
     """Make a middleware that sets these headers on every HTTP response.
 
     A middleware, not Litestar's `response_headers`, because those skip the static files
-    and the htmx template responses.
+    and the htmx template responses. Every response but a static file also gets
+    `Cache-Control: no-store`, so a page of photos is not kept by the browser: after
+    sign-out, Back must not show it again.
     """
 
     def wrap(app: ASGIApp) -> ASGIApp:
@@ -51,12 +55,15 @@ def security_headers_middleware(headers: dict[str, str]) -> Callable[[ASGIApp], 
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
+            is_static = scope["path"].startswith(STATIC_PATH)
 
             async def send_with_headers(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     response_headers = MutableScopeHeaders.from_message(message)
                     for name, value in headers.items():
                         response_headers[name] = value
+                    if not is_static:
+                        response_headers["Cache-Control"] = "no-store"
                 await send(message)
 
             await app(scope, receive, send_with_headers)
