@@ -40,7 +40,7 @@ def test_empty_environment_gives_defaults():
     [
         ("GALLERY_PORT", "eighty", "GALLERY_PORT='eighty' is invalid: expected an integer"),
         ("GALLERY_SECURE_COOKIES", "maybe", "GALLERY_SECURE_COOKIES='maybe' is invalid"),
-        ("GALLERY_URL_EXPIRY_SECONDS", "604801", "GALLERY_URL_EXPIRY_SECONDS=604801 is out"),
+        ("GALLERY_URL_EXPIRY_SECONDS", "0", "GALLERY_URL_EXPIRY_SECONDS=0 is invalid"),
         ("GALLERY_UPLOAD_FORM_SECONDS", "301", "GALLERY_UPLOAD_FORM_SECONDS=301 is out"),
         ("GALLERY_MAX_UPLOAD_BYTES", "0", "GALLERY_MAX_UPLOAD_BYTES must be a positive"),
     ],
@@ -77,3 +77,10 @@ def test_to_env_round_trips():
     settings = Settings(port=8123, secure_cookies=True, s3_bucket="photos")
 
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_url_expiry_over_7_days_is_cut_with_warning(caplog):
+    settings = Settings.from_env({"GALLERY_URL_EXPIRY_SECONDS": "1000000"})
+
+    assert settings.url_expiry_seconds == 7 * 24 * 3600
+    assert "GALLERY_URL_EXPIRY_SECONDS=1000000 is over the SigV4 maximum" in caplog.text

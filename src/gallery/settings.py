@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 # S3 rejects presigned URLs that live longer than 7 days (SigV4 limit).
@@ -12,6 +13,9 @@ MAX_PRESIGNED_URL_SECONDS = 7 * 24 * 3600
 
 # A presigned POST form that lives longer than this gives a leaked form too much time.
 MAX_UPLOAD_FORM_SECONDS = 300
+
+
+logger = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -85,12 +89,21 @@ class Settings:
         return cls(**values).validated()
 
     def validated(self) -> Settings:
-        """Return these settings after checking the values that depend on each other."""
-        if not 1 <= self.url_expiry_seconds <= MAX_PRESIGNED_URL_SECONDS:
+        """Return these settings checked, with a URL expiry over 7 days cut to 7 days."""
+        if self.url_expiry_seconds < 1:
             raise SettingsError(
-                f"GALLERY_URL_EXPIRY_SECONDS={self.url_expiry_seconds} is out of range: "
-                f"presigned URLs live from 1 to {MAX_PRESIGNED_URL_SECONDS} seconds (7 days)"
+                f"GALLERY_URL_EXPIRY_SECONDS={self.url_expiry_seconds} is invalid: "
+                "presigned URLs must live at least 1 second"
             )
+        if self.url_expiry_seconds > MAX_PRESIGNED_URL_SECONDS:
+            logger.warning(
+                "GALLERY_URL_EXPIRY_SECONDS=%d is over the SigV4 maximum of %d seconds "
+                "(7 days); using %d",
+                self.url_expiry_seconds,
+                MAX_PRESIGNED_URL_SECONDS,
+                MAX_PRESIGNED_URL_SECONDS,
+            )
+            return replace(self, url_expiry_seconds=MAX_PRESIGNED_URL_SECONDS).validated()
         if not 1 <= self.upload_form_seconds <= MAX_UPLOAD_FORM_SECONDS:
             raise SettingsError(
                 f"GALLERY_UPLOAD_FORM_SECONDS={self.upload_form_seconds} is out of range: "
