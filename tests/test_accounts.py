@@ -133,6 +133,19 @@ async def test_signout_ends_the_session(client):
     assert gallery.headers["location"] == "/signin"
 
 
+async def test_signout_expires_the_session_cookie(client):
+    response = await client.http.post("/signout", headers=client.csrf, follow_redirects=False)
+
+    cookie = next(
+        header
+        for header in response.headers.get_list("set-cookie")
+        if header.startswith("session=")
+    )
+    assert "Max-Age=0" in cookie
+    assert "Max-Age=1209600" not in cookie
+    assert "session" not in client.http.cookies
+
+
 async def test_signin_without_csrf_token_returns_403(client, anonymous):
     response = await anonymous.post(
         "/signin", data={"username": client.username, "password": TEST_PASSWORD}

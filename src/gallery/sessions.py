@@ -6,20 +6,25 @@ import secrets
 from typing import Any
 
 from litestar.connection import ASGIConnection
+from litestar.datastructures import Cookie, MutableScopeHeaders
 from litestar.middleware.session.server_side import (
     ServerSideSessionBackend,
     ServerSideSessionConfig,
 )
 from litestar.types import Empty, Message, ScopeSession
+from litestar.utils.dataclass import extract_dataclass_items
 
 
 class SessionBackend(ServerSideSessionBackend):
-    """Litestar's server-side sessions with two changes.
+    """Litestar's server-side sessions with three changes.
 
     An empty session is neither stored nor sent as a cookie, so anonymous visitors leave no
     key in Redis. A handler that sets `rotate_session` in the request state moves the
     session to a new id. Litestar keeps the id from the request's cookie while the cookie
     exists, so without the move an id planted before sign-in would carry the new session.
+    A removed session's cookie gets Max-Age=0. Litestar 2.25 sends it with the configured
+    Max-Age, which takes precedence over its past `expires` date (RFC 6265, section 5.3),
+    so browsers would keep a `session=null` cookie for the 14 days of `max_age`.
     """
 
     async def store_in_message(
@@ -31,7 +36,7 @@ class SessionBackend(ServerSideSessionBackend):
         has_cookie = bool(connection.cookies.get(self.config.key))
         if scope_session is Empty or not scope_session:
             if has_cookie:
-                await super().store_in_message(Empty, message, connection)
+                await self._remove_session(message, connection)
             return
 
         state = connection.scope.setdefault("state", {})
@@ -41,6 +46,18 @@ class SessionBackend(ServerSideSessionBackend):
                 await self.delete(connection.cookies[self.config.key], store=store)
             state["new_session_id"] = secrets.token_hex(self.config.session_id_bytes)
         await super().store_in_message(scope_session, message, connection)
+
+    async def _remove_session(
+        self, message: Message, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> None:
+        store = self.config.get_store_from_app(connection.app)
+        await self.delete(connection.cookies[self.config.key], store=store)
+        cookie_params = dict(
+            extract_dataclass_items(self.config, exclude_none=True, include=Cookie.__dict__.keys())
+        )
+        cookie_params.update(max_age=0, expires=0)
+        expired = Cookie(key=self.config.key, value="", **cookie_params)
+        MutableScopeHeaders.from_message(message).add("Set-Cookie", expired.to_header(header=""))
 
     def get_session_id(self, connection: ASGIConnection[Any, Any, Any, Any]) -> str:
         new_id = connection.scope.get("state", {}).get("new_session_id")
