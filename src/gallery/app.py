@@ -12,11 +12,12 @@ from litestar import Litestar
 from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.exceptions import HTTPException, NotAuthorizedException, NotFoundException
 from litestar.logging import LoggingConfig
 from litestar.plugins.htmx import HTMXPlugin
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
 
@@ -88,8 +89,13 @@ def create_app(settings: Settings) -> Litestar:
         ),
         # No OpenAPI pages: the app has no public API, and their viewers load remote scripts.
         openapi_config=None,
+        # Litestar looks up the status code first, then the exception's classes from the most
+        # specific, so 401 and 404 keep their handlers. The 500 entry also catches every
+        # exception that is not an HTTPException.
         exception_handlers={
             NotAuthorizedException: errors.redirect_to_signin,
             NotFoundException: errors.show_not_found,
+            HTTPException: errors.show_error,
+            HTTP_500_INTERNAL_SERVER_ERROR: errors.show_error,
         },
     )

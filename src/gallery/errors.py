@@ -1,26 +1,97 @@
-"""Exception handlers that turn expected errors into pages or htmx responses."""
+"""Exception handlers that turn errors into pages, htmx text or JSON, as the request expects."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.exceptions.responses import create_exception_response
 from litestar.response import Redirect, Template
-from litestar.status_codes import HTTP_401_UNAUTHORIZED, HTTP_404_NOT_FOUND
+from litestar.status_codes import (
+    HTTP_401_UNAUTHORIZED,
+    HTTP_404_NOT_FOUND,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+)
+
+
+@dataclass(frozen=True)
+class ErrorText:
+    """The text shown for a failed request: the problem, then the next step for the user."""
+
+    problem: str
+    next_step: str
+
+
+ERROR_TEXTS = {
+    400: ErrorText("The request was invalid.", "Go back, reload the page and try again."),
+    403: ErrorText(
+        "The request was rejected, most likely because the page was out of date.",
+        "Reload the page and try again.",
+    ),
+    405: ErrorText(
+        "This address cannot be opened that way.", "Use the links and buttons on the pages."
+    ),
+    500: ErrorText(
+        "Something went wrong on our side.",
+        "Try again in a moment, and if it keeps failing, tell whoever runs this gallery.",
+    ),
+}
+
+
+def _is_htmx(request: Request[Any, Any, Any]) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def _expects_json(request: Request[Any, Any, Any]) -> bool:
+    """Return whether a script expects JSON, as upload.js does when it requests /uploads."""
+    accept = request.headers.get("accept", "")
+    content_type = request.headers.get("content-type", "")
+    return "application/json" in accept or content_type.startswith("application/json")
+
+
+def _error_text(status_code: int) -> ErrorText:
+    if status_code in ERROR_TEXTS:
+        return ERROR_TEXTS[status_code]
+    return ErrorText(f"{HTTPStatus(status_code).phrase}.", "Go back and try again.")
 
 
 def redirect_to_signin(request: Request[Any, Any, Any], _: HTTPException) -> Response[Any]:
     """Send a visitor without a session to the sign-in page, through htmx when it asked."""
     signin_url = request.app.route_reverse("accounts:signin-page")
-    if request.headers.get("hx-request") == "true":
+    if _is_htmx(request):
         headers = {"HX-Redirect": signin_url}
         return Response("Sign in to continue.", status_code=HTTP_401_UNAUTHORIZED, headers=headers)
     return Redirect(signin_url)
 
 
 def show_not_found(request: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
-    if request.headers.get("hx-request") == "true":
+    if _is_htmx(request):
         return Response(error.detail, status_code=HTTP_404_NOT_FOUND, media_type="text/plain")
     context = {"message": error.detail}
     return Template("not_found.html", context=context, status_code=HTTP_404_NOT_FOUND)
+
+
+def show_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """Respond to a failed request with Litestar's JSON, plain text for htmx, or the error page.
+
+    Any exception that is not an HTTPException becomes a 500 whose message appears only in
+    the log, where Litestar's exception logging (`log_exceptions` in app.py) writes it with
+    its traceback.
+    """
+    if _expects_json(request):
+        return create_exception_response(request, error)
+
+    is_http_error = isinstance(error, HTTPException)
+    status_code = error.status_code if is_http_error else HTTP_500_INTERNAL_SERVER_ERROR
+    # An HTTPException may carry headers the client needs, such as Allow on a 405.
+    headers = error.headers if is_http_error else None
+    text = _error_text(status_code)
+    if _is_htmx(request):
+        message = f"{text.problem} {text.next_step}"
+        return Response(message, status_code=status_code, headers=headers, media_type="text/plain")
+    reason = HTTPStatus(status_code).phrase
+    context = {"status_code": status_code, "reason": reason, "text": text}
+    return Template("error.html", context=context, status_code=status_code, headers=headers)
