@@ -1,14 +1,28 @@
 // Uploads each chosen file straight to S3 with a presigned POST form, then reports it done.
 // The request to S3 is a plain XMLHttpRequest: htmx headers on it would trigger CORS
 // preflights, and XMLHttpRequest reports upload progress.
+// It also keeps the grid in step: the image count, tiles deleted in another tab, and
+// thumbnails whose presigned URLs expired while the page stayed open.
 "use strict";
 
 (function () {
   const MAX_PARALLEL_UPLOADS = 3;
   // How often a form request is repeated while the server answers 429 Too Many Requests.
   const MAX_FORM_ATTEMPTS = 30;
+  // How long a note that needs no action stays in the message area.
+  const NOTE_SECONDS = 5;
   const queue = [];
   let running = 0;
+  let noteTimer = null;
+
+  // Raised when the app returns 401 Unauthorized because the session ended, by sign-out in
+  // another tab or by expiry.
+  class SignedOutError extends Error {
+    constructor(signinUrl) {
+      super("signed out: sign in again");
+      this.signinUrl = signinUrl;
+    }
+  }
 
   function csrfToken() {
     return JSON.parse(document.body.getAttribute("hx-headers"))["x-csrftoken"];
@@ -68,11 +82,25 @@
     if (!allowed.includes(contentType(file))) {
       return "rejected: only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded";
     }
-    if (file.size < 1 || file.size > maxBytes) {
+    if (file.size === 0) {
+      return "rejected: the file is empty";
+    }
+    if (file.size > maxBytes) {
       const limitMiB = Number((maxBytes / 1048576).toFixed(1));
       return "rejected: larger than the " + limitMiB + " MiB limit";
     }
     return null;
+  }
+
+  function signedOut(response, uploader) {
+    return new SignedOutError(response.headers.get("HX-Redirect") || uploader.dataset.signinUrl);
+  }
+
+  // Returns the parsed body, or null when it is not JSON, such as a sign-in page.
+  async function readJson(response) {
+    const type = response.headers.get("Content-Type") || "";
+    if (!type.startsWith("application/json")) return null;
+    return response.json().catch(() => null);
   }
 
   function sleep(seconds) {
@@ -80,11 +108,18 @@
   }
 
   // Asks the app to sign a form; while too many uploads are pending, waits as told and asks again.
+  // With HX-Request, the app returns 401 for a missing session instead of a redirect that
+  // fetch would follow to the sign-in page. Accept keeps the app's error bodies JSON.
   async function requestForm(file, uploader, view) {
     for (let attempt = 1; ; attempt += 1) {
       const response = await fetch(uploader.dataset.createUrl, {
         method: "POST",
-        headers: { "Content-Type": "application/json", "x-csrftoken": csrfToken() },
+        headers: {
+          "Content-Type": "application/json",
+          Accept: "application/json",
+          "HX-Request": "true",
+          "x-csrftoken": csrfToken(),
+        },
         body: JSON.stringify({
           filename: file.name,
           content_type: contentType(file),
@@ -92,11 +127,16 @@
         }),
         credentials: "same-origin",
       });
-      const body = await response.json().catch(() => ({}));
+      if (response.status === 401) {
+        throw signedOut(response, uploader);
+      }
+      const body = await readJson(response);
       if (response.ok) {
+        if (body === null) throw new Error("the server returned an unexpected response");
         return body;
       }
-      const message = body.error || body.detail || "the server returned status " + response.status;
+      const message =
+        (body && (body.error || body.detail)) || "the server returned status " + response.status;
       if (response.status !== 429 || attempt >= MAX_FORM_ATTEMPTS) {
         throw new Error(message);
       }
@@ -107,12 +147,15 @@
   }
 
   // Reports the upload done and puts the tile the app returns at the top of the grid.
-  async function completeUpload(form) {
+  async function completeUpload(form, uploader) {
     const response = await fetch(form.complete_url, {
       method: "POST",
       headers: { "x-csrftoken": csrfToken(), "HX-Request": "true" },
       credentials: "same-origin",
     });
+    if (response.status === 401) {
+      throw signedOut(response, uploader);
+    }
     const text = await response.text();
     if (!response.ok) {
       throw new Error(text.length > 0 && text.length < 200 ? text : "the server returned status " + response.status);
@@ -155,11 +198,24 @@
       await postToS3(form, file, view);
       view.bar.value = 100;
       setState(view, "verifying", "verifying");
-      await completeUpload(form);
+      await completeUpload(form, uploader);
       setState(view, "uploaded", "done");
     } catch (error) {
+      if (error instanceof SignedOutError) {
+        stopUploads(error, view);
+        return;
+      }
       setState(view, "failed: " + error.message, "failed");
     }
+  }
+
+  // Marks the queued uploads too, since none can succeed, and opens the sign-in page.
+  function stopUploads(error, view) {
+    const queued = queue.splice(0).map((item) => item.view);
+    for (const stopped of [view, ...queued]) {
+      setState(stopped, error.message, "failed");
+    }
+    window.location.assign(error.signinUrl);
   }
 
   function pump(uploader) {
@@ -201,17 +257,62 @@
     });
   });
 
-  // Counts a tile that a delete button removed.
+  function showMessage(text) {
+    clearTimeout(noteTimer);
+    document.getElementById("messages").textContent = text;
+  }
+
+  function showNote(text) {
+    showMessage(text);
+    noteTimer = setTimeout(() => showMessage(""), NOTE_SECONDS * 1000);
+  }
+
   document.addEventListener("htmx:afterRequest", (event) => {
-    if (event.detail.successful && event.detail.requestConfig.verb.toLowerCase() === "delete") {
+    if (!event.detail.successful) return;
+    // Counts a tile that a delete button removed.
+    if (event.detail.requestConfig.verb.toLowerCase() === "delete") {
       changeCount(-1);
+    }
+    // A request the user started has succeeded, so an earlier error no longer applies.
+    // Background requests, such as a processing tile polling itself, leave it in place.
+    const trigger = event.detail.requestConfig.triggeringEvent;
+    if (trigger && trigger.isTrusted) {
+      showMessage("");
     }
   });
 
   // htmx drops error bodies by default; show them in the message area instead.
   document.addEventListener("htmx:responseError", (event) => {
-    const messages = document.getElementById("messages");
-    const text = event.detail.xhr.responseText || "The request failed.";
-    messages.textContent = text.length > 200 ? "The request failed." : text;
+    const { xhr, target } = event.detail;
+    const tile = target && target.closest(".tile");
+    // A delete, poll or refresh of a tile whose image another tab or device has deleted.
+    if (xhr.status === 404 && tile) {
+      tile.remove();
+      changeCount(-1);
+      showNote("That image was already deleted.");
+      return;
+    }
+    const text = xhr.responseText || "The request failed.";
+    showMessage(text.length > 200 ? "The request failed." : text);
   });
+
+  // Ids of the tiles refreshed after a thumbnail error, so each is refreshed at most once
+  // per page view.
+  const refreshedTiles = new Set();
+
+  // A thumbnail that fails to load, most likely because its presigned URL expired while the
+  // page stayed open, gets its tile fetched again with fresh URLs. Image errors do not
+  // bubble, so the listener runs in the capture phase.
+  document.addEventListener(
+    "error",
+    (event) => {
+      const image = event.target;
+      if (!(image instanceof HTMLImageElement) || !image.matches(".tile img.thumbnail")) return;
+      const tile = image.closest(".tile");
+      if (!tile.dataset.tileUrl || refreshedTiles.has(tile.id)) return;
+      refreshedTiles.add(tile.id);
+      htmx.ajax("GET", tile.dataset.tileUrl, { target: tile, swap: "outerHTML" });
+    },
+    true,
+  );
 })();

@@ -1,6 +1,9 @@
 """Chromium against the served app and a worker process: sign-up, uploads, grid and delete.
 
-Screenshots and the two processes' logs go to `test-artifacts/` in the repository root.
+A second app process serves presigned URLs that expire after 2 seconds, for the thumbnail
+refresh tests.
+
+Screenshots and the processes' logs go to `test-artifacts/` in the repository root.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from playwright.async_api import (
     Dialog,
     Error,
     Page,
+    Request,
+    Response,
+    Route,
     async_playwright,
     expect,
 )
@@ -33,7 +39,7 @@ from playwright.async_api import (
 from gallery.embedded import free_port
 from gallery.settings import Settings
 from gallery.storage import Storage
-from tests.support import TEST_MAX_UPLOAD_BYTES, TEST_PASSWORD
+from tests.support import TEST_MAX_UPLOAD_BYTES, TEST_PASSWORD, make_jpeg
 
 pytestmark = pytest.mark.browser
 
@@ -62,6 +68,13 @@ DESKTOP_VIEWPORT = {"width": 1280, "height": 800}
 PHONE_VIEWPORT = {"width": 390, "height": 844}
 
 PHOTOS = ("cameras/Canon_40D.jpg", "gps/DSCN0010.jpg", "orientation/Portrait_6.jpg")
+
+# Lifetime of the presigned URLs that the second app process signs, in seconds.
+SHORT_URL_EXPIRY_SECONDS = 2
+
+# The path of a 1x or 2x thumbnail in a presigned S3 URL (storage.thumbnail_key).
+THUMBNAIL_URL = re.compile(r"/u/\w+/t2?/\w+\.webp")
+TILE_URL = re.compile(r"/images/\w+/tile$")
 
 # Pixels of page width that do not fit the viewport and need horizontal scrolling.
 HORIZONTAL_OVERFLOW = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
@@ -104,6 +117,24 @@ async def base_url(served_settings: Settings) -> AsyncIterator[str]:
     with _child_process("serve", served_settings, log_path) as process:
         await _wait_until_serving(process, served_settings.app_url, log_path)
         yield served_settings.app_url
+
+
+@pytest.fixture(scope="module")
+async def short_expiry_url(
+    settings: Settings, served_settings: Settings, store: Storage
+) -> AsyncIterator[str]:
+    """Hand over the URL of a second `gallery serve` whose presigned URLs expire in 2 s.
+
+    The bucket's CORS rules gain its origin, so the browser can upload from its pages.
+    """
+    short_expiry = replace(
+        served_settings, port=free_port(), url_expiry_seconds=SHORT_URL_EXPIRY_SECONDS
+    )
+    await store.ensure_bucket([settings.app_url, served_settings.app_url, short_expiry.app_url])
+    log_path = ARTIFACTS_DIR / "browser-app-short-expiry.log"
+    with _child_process("serve", short_expiry, log_path) as process:
+        await _wait_until_serving(process, short_expiry.app_url, log_path)
+        yield short_expiry.app_url
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +276,7 @@ async def test_page_rejects_files_before_upload(
             "mimeType": "image/jpeg",
             "buffer": b"\xff\xd8" + bytes(TEST_MAX_UPLOAD_BYTES),
         },
+        {"name": "empty.jpg", "mimeType": "image/jpeg", "buffer": b""},
     ]
 
     await page.locator("#file-input").set_input_files(files)
@@ -257,6 +289,7 @@ async def test_page_rejects_files_before_upload(
     await expect(rows.nth(0)).to_contain_text(wrong_type)
     await expect(rows.nth(1)).to_contain_text(wrong_type)
     await expect(rows.nth(2)).to_contain_text("rejected: larger than the 5 MiB limit")
+    await expect(rows.nth(3)).to_contain_text("rejected: the file is empty")
     await expect(page.locator("#empty")).to_be_visible()
     await save_screenshot(page, "6-rejected-in-page")
     await page.set_viewport_size(PHONE_VIEWPORT)
@@ -347,6 +380,182 @@ async def test_tile_opens_viewer_with_display_image(
     assert console_errors == []
 
 
+async def test_upload_after_signout_elsewhere_opens_signin(
+    page: Page, base_url: str, console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+    other_tab = await page.context.new_page()
+    await other_tab.goto(f"{base_url}/images")
+    await other_tab.get_by_role("button", name="Sign out").click()
+    await expect(other_tab).to_have_url(f"{base_url}/signin")
+    form_statuses: list[int] = []
+
+    def record_form_response(response: Response) -> None:
+        if response.url == f"{base_url}/uploads":
+            form_statuses.append(response.status)
+
+    page.on("response", record_form_response)
+    photo = {"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+
+    await page.locator("#file-input").set_input_files([photo])
+
+    await expect(page).to_have_url(f"{base_url}/signin")
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    await save_screenshot(page, "10-upload-after-signout")
+    assert form_statuses == [401]
+    # Chromium logs the 401 response as a console error; nothing else may appear.
+    assert all("401" in error for error in console_errors), console_errors
+
+
+async def test_delete_in_two_tabs_removes_stale_tile(
+    page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+    photos = [
+        {"name": "red.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg(color=(200, 40, 40))},
+        {"name": "blue.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg(color=(40, 40, 200))},
+    ]
+    await page.locator("#file-input").set_input_files(photos)
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(photos))
+    other_tab = await page.context.new_page()
+    await other_tab.goto(f"{base_url}/images")
+    await other_tab.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(photos))
+    page.on("dialog", lambda dialog: dialog.accept())
+    other_tab.on("dialog", lambda dialog: dialog.accept())
+    delete_statuses: list[int] = []
+
+    def record_delete_response(response: Response) -> None:
+        if response.request.method == "DELETE":
+            delete_statuses.append(response.status)
+
+    page.on("response", record_delete_response)
+    other_tab.on("response", record_delete_response)
+    red_tile_elsewhere = other_tab.locator(".tile", has=other_tab.get_by_alt_text("red.jpg"))
+    await red_tile_elsewhere.get_by_role("button", name="Delete").click()
+    await expect(other_tab.locator("#count")).to_have_text("1 image")
+
+    red_tile = page.locator(".tile", has=page.get_by_alt_text("red.jpg"))
+    await red_tile.get_by_role("button", name="Delete").click()
+
+    await expect(page.locator("#messages")).to_have_text("That image was already deleted.")
+    await expect(page.locator(".tile")).to_have_count(1)
+    await expect(page.locator("#count")).to_have_text("1 image")
+    await save_screenshot(page, "11-deleted-in-other-tab")
+    await expect(page.locator("#messages")).to_be_empty()
+    await page.reload()
+    await expect(page.locator(".tile")).to_have_count(1)
+    await expect(page.get_by_alt_text("blue.jpg")).to_be_visible()
+    assert delete_statuses == [200, 404]
+    # Chromium logs the 404 response as a console error; nothing else may appear.
+    assert all("404" in error for error in console_errors), console_errors
+
+
+async def test_expired_thumbnail_url_is_refreshed(
+    page: Page,
+    short_expiry_url: str,
+    worker: subprocess.Popen[bytes],
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, short_expiry_url)
+    photo = {"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+    await page.locator("#file-input").set_input_files([photo])
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
+    # The HTTP status of each thumbnail response, or the error of a failed request.
+    thumbnail_outcomes: list[str] = []
+    tile_requests: list[str] = []
+    held_requests: list[str] = []
+
+    # The first thumbnail request reaches S3 only after its URL has expired, as it does
+    # when a lazily loaded thumbnail scrolls into view on a page left open.
+    async def hold_first_request(route: Route) -> None:
+        if not held_requests:
+            held_requests.append(route.request.url)
+            await asyncio.sleep(SHORT_URL_EXPIRY_SECONDS + 1.5)
+        await route.continue_()
+
+    def record_response(response: Response) -> None:
+        if THUMBNAIL_URL.search(response.url):
+            thumbnail_outcomes.append(str(response.status))
+        if TILE_URL.search(response.url):
+            tile_requests.append(response.url)
+
+    def record_failure(request: Request) -> None:
+        if THUMBNAIL_URL.search(request.url):
+            thumbnail_outcomes.append(request.failure or "failed")
+
+    page.on("response", record_response)
+    page.on("requestfailed", record_failure)
+    # Routing also turns off Playwright's HTTP cache, so the thumbnail is fetched again.
+    await page.route(THUMBNAIL_URL, hold_first_request)
+
+    await page.reload()
+
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
+    await save_screenshot(page, "12-thumbnail-refreshed")
+    assert len(thumbnail_outcomes) == 2, thumbnail_outcomes
+    # S3 rejects the expired URL with 403 and an XML body, which chromium's Opaque Response
+    # Blocking turns into a failed request.
+    assert thumbnail_outcomes[0] in ("403", "net::ERR_BLOCKED_BY_ORB")
+    assert thumbnail_outcomes[1] == "200"
+    assert len(tile_requests) == 1
+    assert console_errors == []
+
+
+async def test_failing_thumbnail_refreshes_tile_once(
+    page: Page,
+    short_expiry_url: str,
+    worker: subprocess.Popen[bytes],
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, short_expiry_url)
+    photo = {"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+    await page.locator("#file-input").set_input_files([photo])
+    await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
+    thumbnail_requests: list[str] = []
+    tile_requests: list[str] = []
+
+    def record_tile_request(request: Request) -> None:
+        if TILE_URL.search(request.url):
+            tile_requests.append(request.url)
+
+    async def reject(route: Route) -> None:
+        thumbnail_requests.append(route.request.url)
+        await route.fulfill(status=403, body="expired")
+
+    page.on("request", record_tile_request)
+    await page.route(THUMBNAIL_URL, reject)
+
+    await page.reload()
+
+    await wait_for_length(thumbnail_requests, 2)
+    # Time for a second refresh, which must not come.
+    await asyncio.sleep(2)
+    await expect(page.locator(".tile")).to_have_count(1)
+    assert len(tile_requests) == 1
+    assert len(thumbnail_requests) == 2
+    assert all("403" in error for error in console_errors), console_errors
+
+
+async def test_opening_signout_shows_error_page(
+    page: Page, base_url: str, console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+
+    response = await page.goto(f"{base_url}/signout")
+
+    assert response is not None
+    assert response.status == 405
+    await expect(page.get_by_role("heading", level=1)).to_have_text(
+        "This address cannot be opened that way."
+    )
+    await expect(page.get_by_text("Error 405: Method Not Allowed")).to_be_visible()
+    await save_screenshot(page, "13-error-page")
+    await page.get_by_role("link", name="Back to your gallery").click()
+    await expect(page).to_have_url(f"{base_url}/images")
+    # Chromium logs the 405 response as a console error; nothing else may appear.
+    assert all("405" in error for error in console_errors), console_errors
+
+
 async def sign_up(page: Page, base_url: str) -> str:
     """Sign up as a new user through the form and return the username."""
     username = f"browser{secrets.token_hex(4)}"
@@ -357,6 +566,13 @@ async def sign_up(page: Page, base_url: str) -> str:
     await page.get_by_role("button", name="Sign up").click()
     await expect(page).to_have_url(f"{base_url}/images")
     return username
+
+
+async def wait_for_length(items: list[str], length: int) -> None:
+    """Wait until event handlers have appended `length` items to `items`."""
+    async with asyncio.timeout(TIMEOUT_MS / 1000):
+        while len(items) < length:
+            await asyncio.sleep(0.05)
 
 
 async def thumbnail_size(page: Page, filename: str) -> dict[str, int]:
