@@ -55,6 +55,11 @@ class UploadRequest:
 
 
 async def make_tiles(uploads: list[Upload], store: Storage) -> list[Tile]:
+    """Make the tiles for uploads, with 1x and 2x thumbnail URLs for the ready ones.
+
+    The URLs are signed in process, so this sends no request to S3. Inside one URL window
+    they are the same on every call, so the browser shows its cached thumbnails.
+    """
     tiles = []
     for upload in uploads:
         if upload.state != State.READY:

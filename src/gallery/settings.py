@@ -58,6 +58,10 @@ class Settings:
     max_animation_pixels: int = 1000 * 1920 * 1080
     upload_form_seconds: int = 300
     url_expiry_seconds: int = 600
+    # Presigned GET URLs are signed at the start of the current window of this many seconds,
+    # so a thumbnail's URL, and the browser's cached copy, stay the same within the window.
+    # Each URL stays valid at least url_expiry_seconds minus this after it is handed out.
+    url_window_seconds: int = 300
     # The longer side of a grid thumbnail (a second one is twice this, for dense screens),
     # and of the image the viewer shows, in pixels.
     thumbnail_size: int = 256
@@ -104,6 +108,12 @@ class Settings:
                 MAX_PRESIGNED_URL_SECONDS,
             )
             return replace(self, url_expiry_seconds=MAX_PRESIGNED_URL_SECONDS).validated()
+        if not 1 <= self.url_window_seconds < self.url_expiry_seconds:
+            raise SettingsError(
+                f"GALLERY_URL_WINDOW_SECONDS={self.url_window_seconds} is out of range: "
+                "it must be at least 1 and less than GALLERY_URL_EXPIRY_SECONDS="
+                f"{self.url_expiry_seconds}, so every URL is still valid when it is handed out"
+            )
         if not 1 <= self.upload_form_seconds <= MAX_UPLOAD_FORM_SECONDS:
             raise SettingsError(
                 f"GALLERY_UPLOAD_FORM_SECONDS={self.upload_form_seconds} is out of range: "

@@ -7,7 +7,8 @@ image id that the server made, never from anything a client sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from gallery.settings import Settings
+from gallery.signing import GetUrlSigner, window_start
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +110,35 @@ class ObjectInfo:
 
 
 class Storage:
-    """One bucket, reached through two clients.
+    """One bucket, reached through two clients and a GET URL signer.
 
-    The client for work names the endpoint the server reaches; the presigning client names
-    the endpoint the browser reaches, because SigV4 signs the host.
+    The client for work names the endpoint the server reaches. The presigning client, for
+    upload forms, and the URL signer name the endpoint the browser reaches, because SigV4
+    signs the host. `clock` returns the Unix time that GET URLs are signed with.
     """
 
-    def __init__(self, client: Any, presign_client: Any, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: Any,
+        presign_client: Any,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._client = client
         self._presign_client = presign_client
         self.bucket = settings.s3_bucket
         self._settings = settings
+        # The same endpoint, region and path-style addressing as the presigning client.
+        self._url_signer = GetUrlSigner(
+            endpoint_url=settings.presign_endpoint_url,
+            bucket=settings.s3_bucket,
+            region=settings.s3_region,
+            access_key=settings.aws_access_key_id,
+            secret_key=settings.aws_secret_access_key,
+            addressing_style="path",
+        )
+        self.clock = clock
 
     @classmethod
     @asynccontextmanager
@@ -263,18 +283,24 @@ class Storage:
 
         The object is shown inline, or downloaded under `download_name` when one is given.
         S3 sends the type and disposition chosen here, whatever the object's metadata says.
+
+        Without `expires_in`, the URL is signed at the start of the current URL window and
+        lives `url_expiry_seconds` from there. So it is the same for every request inside
+        the window, and lets the browser reuse its cached copy. With `expires_in`, it is
+        signed now and lives exactly that long.
         """
         disposition = "inline" if download_name is None else attachment_disposition(download_name)
-        params = {
-            "Bucket": self.bucket,
-            "Key": key,
-            "ResponseContentType": content_type,
-            "ResponseContentDisposition": disposition,
-        }
-        return await self._presign_client.generate_presigned_url(
-            "get_object",
-            Params=params,
-            ExpiresIn=expires_in or self._settings.url_expiry_seconds,
+        query = (
+            ("response-content-type", content_type),
+            ("response-content-disposition", disposition),
+        )
+        if expires_in is None:
+            expires_in = self._settings.url_expiry_seconds
+            signed_at = window_start(self.clock(), self._settings.url_window_seconds)
+        else:
+            signed_at = int(self.clock())
+        return self._url_signer.presign_get(
+            key, signed_at=signed_at, expires_in=expires_in, query=query
         )
 
     async def head(self, key: str) -> ObjectInfo | None:
