@@ -127,8 +127,13 @@ async def short_expiry_url(
 
     The bucket's CORS rules gain its origin, so the browser can upload from its pages.
     """
+    # URLs are signed at the start of a 1 s window, so each one expires 1 to 2 s after it
+    # is handed out.
     short_expiry = replace(
-        served_settings, port=free_port(), url_expiry_seconds=SHORT_URL_EXPIRY_SECONDS
+        served_settings,
+        port=free_port(),
+        url_expiry_seconds=SHORT_URL_EXPIRY_SECONDS,
+        url_window_seconds=1,
     )
     await store.ensure_bucket([settings.app_url, served_settings.app_url, short_expiry.app_url])
     log_path = ARTIFACTS_DIR / "browser-app-short-expiry.log"
