@@ -27,6 +27,7 @@ from gallery.imaging import (
     Renditions,
     make_renditions,
 )
+from gallery.imaging.colour import convert_to_srgb
 from tests.support import grey_signature, mean_difference, webp_chunk_ids
 
 MAX_PIXELS = 50_000_000
@@ -870,6 +871,60 @@ def test_broken_colour_profile_is_ignored():
     assert 124 < red < 132
 
 
+def test_camera_srgb_profile_leaves_pixels_unchanged(corpus_dir: Path):
+    # Through LittleCMS 2.19 this profile turns the red of bright greens from 0 to 1, so
+    # equal bytes show that the conversion was skipped.
+    profile = Image.open(corpus_dir / "cameras" / "Canon_40D.jpg").info["icc_profile"]
+    green_levels = bytes(value for level in range(256) for value in (0, level, 0))
+    image = Image.frombytes("RGB", (256, 1), green_levels)
+    image.info["icc_profile"] = profile
+
+    converted = convert_to_srgb(image)
+
+    assert converted.tobytes() == green_levels
+
+
+def test_display_p3_profile_is_applied(corpus_dir: Path):
+    profile = Image.open(corpus_dir / "heic" / "IMG_5195.HEIC").info["icc_profile"]
+    image = Image.new("RGB", (8, 8), (60, 160, 90))
+    image.info["icc_profile"] = profile
+
+    red, green, blue = convert_to_srgb(image).getpixel((4, 4))
+
+    # This Display P3 green lies outside sRGB, and LittleCMS 2.19 converts it to (0, 163, 82).
+    assert red < 10
+    assert 155 < green < 171
+    assert 74 < blue < 90
+
+
+def test_profile_cache_is_kept_per_mode():
+    # The padding makes this profile new to the process's cache of transforms.
+    profile = linear_light_profile() + b"\0" * 8
+    grey = encode(Image.new("L", (64, 64), 128), "PNG", icc_profile=profile)
+    colour = encode(Image.new("RGB", (64, 64), (128, 128, 128)), "PNG", icc_profile=profile)
+
+    grey_result = make_renditions(grey, "image/png", max_pixels=MAX_PIXELS)
+    colour_result = make_renditions(colour, "image/png", max_pixels=MAX_PIXELS)
+
+    # An RGB profile cannot convert a greyscale image, so it is ignored there only.
+    grey_red, _, _ = open_thumbnail(grey_result).getpixel((32, 32))
+    colour_red, _, _ = open_thumbnail(colour_result).getpixel((32, 32))
+    assert 124 < grey_red < 132
+    assert 182 < colour_red < 194
+
+
+def test_profile_too_large_to_cache_is_applied():
+    profile = linear_light_profile() + b"\0" * 70_000
+    data = encode(Image.new("RGB", (64, 64), (128, 128, 128)), "PNG", icc_profile=profile)
+    assert len(Image.open(io.BytesIO(data)).info["icc_profile"]) > 64 * 1024
+
+    result = make_renditions(data, "image/png", max_pixels=MAX_PIXELS)
+
+    red, green, blue = open_thumbnail(result).getpixel((32, 32))
+    assert 182 < red < 194
+    assert red == green == blue
+
+
 def test_gps_exif_stays_out_of_thumbnail():
     exif = Image.Exif()
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
@@ -1328,17 +1383,25 @@ def test_metadata_stays_out_of_every_rendition(image_format: str, claimed_type: 
     assert METADATA_CHUNKS.isdisjoint(webp_chunk_ids(placeholder))
 
 
-# The child process reports how far its peak resident set size grew during one call.
+# The child process reports how far its peak resident set size grew during one call. It
+# reads VmHWM, because Linux reports the parent's peak as ru_maxrss of a child started with
+# fork and exec, and the pytest process is larger than the growth measured here.
 MEASURE_PEAK_GROWTH = """
-import resource, sys
+import sys
 from gallery.imaging import make_renditions
 from tests.support import make_jpeg
+
+def read_peak_rss():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
 data = open(sys.argv[1], "rb").read()
 make_renditions(make_jpeg(), "image/jpeg", max_pixels=10**8)
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+baseline = read_peak_rss()
 make_renditions(data, "image/jpeg", max_pixels=10**8)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - baseline) * 1024)
+print(read_peak_rss() - baseline)
 """
 
 
@@ -1359,4 +1422,7 @@ def test_24_megapixel_jpeg_decodes_within_64_mib(tmp_path: Path):
     )
 
     growth = int(child.stdout)
-    assert growth < 64 * 1024 * 1024
+    # The 1/2-scale decode alone takes 3000x2000 pixels of 4 bytes, so less growth than that
+    # means the measurement missed the call.
+    assert growth > 3000 * 2000 * 4, f"grew {growth / 2**20:.1f} MiB"
+    assert growth < 64 * 1024 * 1024, f"grew {growth / 2**20:.1f} MiB"
