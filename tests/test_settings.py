@@ -43,6 +43,7 @@ def test_empty_environment_gives_defaults():
         ("GALLERY_URL_EXPIRY_SECONDS", "0", "GALLERY_URL_EXPIRY_SECONDS=0 is invalid"),
         ("GALLERY_UPLOAD_FORM_SECONDS", "301", "GALLERY_UPLOAD_FORM_SECONDS=301 is out"),
         ("GALLERY_MAX_UPLOAD_BYTES", "0", "GALLERY_MAX_UPLOAD_BYTES must be a positive"),
+        ("GALLERY_WORKER_PROCESSES", "-1", "GALLERY_WORKER_PROCESSES=-1 is invalid"),
     ],
 )
 def test_bad_value_names_the_variable(name, value, message):

@@ -30,7 +30,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     # The pool's processes ignore Ctrl-C, which reaches the whole process group: the worker
     # shuts the pool down itself.
     ctx["pool"] = ProcessPoolExecutor(
-        max_workers=os.cpu_count() or 1,
+        max_workers=ctx["settings"].worker_processes or os.cpu_count() or 1,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=signal.signal,
         initargs=(signal.SIGINT, signal.SIG_IGN),

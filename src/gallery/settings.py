@@ -79,6 +79,8 @@ class Settings:
     signin_failures_per_address: int = 50
 
     # Worker
+    # Processes that decode images in each worker; 0 means one per CPU core.
+    worker_processes: int = 0
     purge_grace_seconds: int = 600
 
     @classmethod
@@ -132,6 +134,11 @@ class Settings:
             "signin_failures_per_account",
             "signin_failures_per_address",
         )
+        if self.worker_processes < 0:
+            raise SettingsError(
+                f"GALLERY_WORKER_PROCESSES={self.worker_processes} is invalid: "
+                "expected 0 (one per CPU core) or more"
+            )
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_NAMES[name]} must be a positive integer")
