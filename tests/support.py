@@ -11,6 +11,8 @@ import httpx
 from litestar.testing import AsyncTestClient
 from PIL import Image
 
+from gallery import index
+
 TEST_PASSWORD = "correct horse battery staple"
 TEST_MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 HTMX = {"HX-Request": "true"}
@@ -99,3 +101,25 @@ class UserClient:
 
     async def delete(self, image_id: str) -> httpx.Response:
         return await self.http.delete(f"/images/{image_id}", headers={**self.csrf, **HTMX})
+
+
+async def seed_grid(redis: Any, user_id: str, count: int, *, ready: bool = False) -> list[str]:
+    """Put `count` uploads in a user's grid through the index, with no objects behind them."""
+    created = []
+    for _ in range(count):
+        upload = await index.create_upload(
+            redis,
+            user_id=user_id,
+            filename="seed.jpg",
+            content_type="image/jpeg",
+            max_bytes=1,
+            form_seconds=60,
+            max_pending=10**6,
+        )
+        await index.mark_uploaded(redis, upload)
+        if ready:
+            await index.mark_ready(
+                redis, upload, content_type="image/jpeg", width=64, height=48, size=1
+            )
+        created.append(upload.id)
+    return created

@@ -14,7 +14,7 @@ from PIL import Image
 
 from gallery import index, storage
 from gallery.index import State
-from tests.support import HTMX, make_jpeg, post_to_s3
+from tests.support import HTMX, make_jpeg, post_to_s3, seed_grid
 from worker.jobs import purge_abandoned, verify_upload
 
 
@@ -238,27 +238,9 @@ async def test_delete_without_csrf_token_returns_403(client, run_worker):
     assert (await client.tile(upload_id)).status_code == 200
 
 
-async def _seed_grid(redis, user_id: str, count: int) -> list[str]:
-    """Put `count` uploads in a user's grid through the index, with no objects behind them."""
-    created = []
-    for _ in range(count):
-        upload = await index.create_upload(
-            redis,
-            user_id=user_id,
-            filename="seed.jpg",
-            content_type="image/jpeg",
-            max_bytes=1,
-            form_seconds=60,
-            max_pending=10**6,
-        )
-        await index.mark_uploaded(redis, upload)
-        created.append(upload.id)
-    return created
-
-
 async def test_grid_pages_newest_first_past_1000(client, redis, settings):
     user_id = await _user_id(client, redis)
-    created = await _seed_grid(redis, user_id, 1100)
+    created = await seed_grid(redis, user_id, 1100)
 
     seen: list[str] = []
     before = None
@@ -273,7 +255,7 @@ async def test_grid_pages_newest_first_past_1000(client, redis, settings):
 
 
 async def test_grid_fragment_with_and_without_htmx(client, redis, settings):
-    await _seed_grid(redis, await _user_id(client, redis), settings.page_size + 5)
+    await seed_grid(redis, await _user_id(client, redis), settings.page_size + 5)
     first_page = await client.http.get("/images")
     cursor = first_page.text.split("?before=")[1].split('"')[0]
 

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from botocore.config import Config
 
-from gallery import index, storage
+from gallery import storage
 from gallery.settings import Settings, SettingsError
 from gallery.signing import MAX_EXPIRES_SECONDS, GetUrlSigner, window_start
 from gallery.storage import Storage, attachment_disposition
-from tests.support import HTMX, make_jpeg
+from tests.support import HTMX, make_jpeg, seed_grid
 
 ACCESS_KEY = "AKIDEXAMPLE0123456789"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -415,26 +415,9 @@ class RedisRequestLog:
         redis.pipeline = pipeline
 
 
-async def seed_ready_images(redis: Any, user_id: str, count: int) -> None:
-    for _ in range(count):
-        upload = await index.create_upload(
-            redis,
-            user_id=user_id,
-            filename="seed.jpg",
-            content_type="image/jpeg",
-            max_bytes=1,
-            form_seconds=60,
-            max_pending=10**6,
-        )
-        await index.mark_uploaded(redis, upload)
-        await index.mark_ready(
-            redis, upload, content_type="image/jpeg", width=64, height=48, size=1
-        )
-
-
 async def test_grid_renders_from_index_without_s3(client, redis, settings):
     user_id = (await redis.get(f"gallery:username:{client.username.lower()}")).decode()
-    await seed_ready_images(redis, user_id, settings.page_size + 5)
+    await seed_grid(redis, user_id, settings.page_size + 5, ready=True)
     app_state = client.http.app.state
     forbidden = ForbiddenS3Client()
     app_state.store._client = forbidden
