@@ -34,7 +34,7 @@ MAX_FILENAME_LENGTH = 255
 # The type of every rendition the worker makes.
 RENDITION_TYPE = "image/webp"
 
-# What a browser is told to wait before asking again when too many uploads are pending.
+# Seconds in the Retry-After header when too many uploads are pending.
 PENDING_RETRY_SECONDS = 5
 
 
@@ -73,6 +73,16 @@ async def make_tiles(uploads: list[Upload], store: Storage) -> list[Tile]:
         )
         tiles.append(Tile(upload, url, url_2x))
     return tiles
+
+
+async def _owned_upload(
+    redis: ArqRedis, user_id: str, image_id: str, *, ready: bool = False
+) -> Upload:
+    """Return the user's upload, or raise 404 when it is another's, missing, or not ready."""
+    upload = await index.get_owned_upload(redis, user_id, image_id)
+    if upload is None or (ready and upload.state != State.READY):
+        raise NotFoundException("No such image.")
+    return upload
 
 
 def _user_id(request: Request[Any, Any, Any]) -> str:
@@ -217,9 +227,7 @@ async def show_tile(
     store: NamedDependency[Storage],
 ) -> Template | Redirect:
     """Render one tile; a tile still processing polls this until its job is done."""
-    upload = await index.get_owned_upload(redis, _user_id(request), image_id)
-    if upload is None:
-        raise NotFoundException("No such image.")
+    upload = await _owned_upload(redis, _user_id(request), image_id)
     if not request.htmx:
         return Redirect(request.app.route_reverse("images:gallery"))
     tiles = await make_tiles([upload], store)
@@ -234,9 +242,7 @@ async def view_image(
     store: NamedDependency[Storage],
 ) -> Template:
     """Show one image at display size, with its name and a download link."""
-    upload = await index.get_owned_upload(redis, _user_id(request), image_id)
-    if upload is None or upload.state != State.READY:
-        raise NotFoundException("No such image.")
+    upload = await _owned_upload(redis, _user_id(request), image_id, ready=True)
     display_url = await store.presign_get(
         storage.display_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
     )
@@ -252,9 +258,7 @@ async def download_original(
     store: NamedDependency[Storage],
 ) -> Redirect:
     """Send the browser to a short-lived URL that downloads the original file."""
-    upload = await index.get_owned_upload(redis, _user_id(request), image_id)
-    if upload is None or upload.state != State.READY:
-        raise NotFoundException("No such image.")
+    upload = await _owned_upload(redis, _user_id(request), image_id, ready=True)
     url = await store.presign_get(
         storage.original_key(upload.user_id, upload.id),
         content_type=upload.content_type,
@@ -272,9 +276,7 @@ async def delete_image(
 ) -> Response[str]:
     """Delete an image's objects and index entry; htmx swaps the tile for the empty body."""
     user_id = _user_id(request)
-    upload = await index.get_owned_upload(redis, user_id, image_id)
-    if upload is None:
-        raise NotFoundException("No such image.")
+    upload = await _owned_upload(redis, user_id, image_id)
     await store.delete(storage.image_keys(user_id, upload.id))
     await index.delete_upload(redis, upload)
     logger.info("deleted image %s of user %s", upload.id, user_id)
