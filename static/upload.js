@@ -7,7 +7,8 @@
 
 (function () {
   const MAX_PARALLEL_UPLOADS = 3;
-  // How often a form request is repeated while the server answers 429 Too Many Requests.
+  // The maximum number of form requests for one file while the server returns
+  // 429 Too Many Requests.
   const MAX_FORM_ATTEMPTS = 30;
   // How long a note that needs no action stays in the message area.
   const NOTE_SECONDS = 5;
@@ -107,7 +108,8 @@
     return new Promise((resolve) => setTimeout(resolve, seconds * 1000));
   }
 
-  // Asks the app to sign a form; while too many uploads are pending, waits as told and asks again.
+  // Requests a signed form from the app. While too many uploads are pending, it waits for the
+  // Retry-After time and requests again.
   // With HX-Request, the app returns 401 for a missing session instead of a redirect that
   // fetch would follow to the sign-in page. Accept keeps the app's error bodies JSON.
   async function requestForm(file, uploader, view) {

@@ -18,13 +18,13 @@ async def test_pending_uploads_over_cap_get_429(make_client, settings, run_worke
     for _ in range(3):
         assert (await client.request_form("a.jpg", "image/jpeg", 100)).status_code == 201
 
-    refused = await client.request_form("a.jpg", "image/jpeg", 100)
+    rejected = await client.request_form("a.jpg", "image/jpeg", 100)
 
-    assert refused.status_code == 429
-    assert refused.json()["error"] == (
+    assert rejected.status_code == 429
+    assert rejected.json()["error"] == (
         "3 uploads are still being checked. Wait for them to finish, then try again."
     )
-    assert int(refused.headers["retry-after"]) > 0
+    assert int(rejected.headers["retry-after"]) > 0
 
 
 async def test_finished_upload_frees_pending_slot(make_client, settings, run_worker):
@@ -63,11 +63,11 @@ async def test_form_requests_over_rate_get_429(make_client, settings):
     for _ in range(2):
         assert (await client.request_form("a.jpg", "image/jpeg", 100)).status_code == 201
 
-    refused = await client.request_form("a.jpg", "image/jpeg", 100)
+    rejected = await client.request_form("a.jpg", "image/jpeg", 100)
 
-    assert refused.status_code == 429
-    assert refused.json()["error"].startswith("Too many uploads at once. Wait ")
-    assert 0 < int(refused.headers["retry-after"]) <= 60
+    assert rejected.status_code == 429
+    assert rejected.json()["error"].startswith("Too many uploads at once. Wait ")
+    assert 0 < int(rejected.headers["retry-after"]) <= 60
 
 
 @pytest.fixture

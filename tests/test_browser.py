@@ -354,7 +354,7 @@ async def test_upload_waits_while_too_many_are_pending(
 
     await expect(row.locator(".upload-state")).to_have_text("uploaded")
     await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
-    # Chromium logs every 429 answer as a console error; nothing else may appear.
+    # Chromium logs every 429 response as a console error, and nothing else may appear.
     assert console_errors
     assert all("429" in error for error in console_errors), console_errors
 

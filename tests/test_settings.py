@@ -80,7 +80,7 @@ def test_to_env_round_trips():
     assert Settings.from_env(settings.to_env()) == settings
 
 
-def test_url_expiry_over_7_days_is_cut_with_warning(caplog):
+def test_url_expiry_over_7_days_is_cut(caplog):
     settings = Settings.from_env({"GALLERY_URL_EXPIRY_SECONDS": "1000000"})
 
     assert settings.url_expiry_seconds == 7 * 24 * 3600

@@ -53,8 +53,8 @@ class Settings:
     # Uploads and images
     max_upload_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 50_000_000
-    # The most frames times canvas pixels an animated GIF, PNG or WebP may have: decoding
-    # an animation for playback costs every frame. 1000 frames of 1920x1080.
+    # The maximum of frames times canvas pixels for an animated GIF, PNG or WebP, because
+    # playing an animation decodes every frame. The default is 1000 frames of 1920x1080.
     max_animation_pixels: int = 1000 * 1920 * 1080
     upload_form_seconds: int = 300
     url_expiry_seconds: int = 600

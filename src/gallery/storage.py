@@ -282,7 +282,7 @@ class Storage:
         """Sign a short-lived GET URL for one object, served as the given verified type.
 
         The object is shown inline, or downloaded under `download_name` when one is given.
-        S3 sends the type and disposition chosen here, whatever the object's metadata says.
+        S3 sends the type and disposition chosen here, whatever the object's metadata contains.
 
         Without `expires_in`, the URL is signed at the start of the current URL window and
         lives `url_expiry_seconds` from there. So it is the same for every request inside
