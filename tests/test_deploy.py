@@ -65,4 +65,4 @@ def test_serve_without_services_names_missing_variable(monkeypatch):
     result = CliRunner().invoke(main, ["serve"])
 
     assert result.exit_code == 1
-    assert "REDIS_URL is not set" in result.output
+    assert "GALLERY_REDIS_URL is not set" in result.output

@@ -83,7 +83,7 @@ def doctor() -> None:
 
     A WARN line reports a gap that the gallery covers another way and does not fail.
 
-    Sends requests to S3_PUBLIC_ENDPOINT_URL as a browser would, so run it where that
+    Sends requests to GALLERY_S3_PUBLIC_ENDPOINT_URL as a browser would, so run it where that
     address is reachable. Objects it writes under doctor/ are deleted afterwards.
     """
     from gallery.doctor import run_checks

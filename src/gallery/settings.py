@@ -7,12 +7,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # S3 rejects presigned URLs that live longer than 7 days (SigV4 limit).
 MAX_PRESIGNED_URL_SECONDS = 7 * 24 * 3600
 
 # A presigned POST form that lives longer than this gives a leaked form too much time.
 MAX_UPLOAD_FORM_SECONDS = 300
+
+MIN_SECRET_KEY_LENGTH = 32
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 logger = logging.getLogger(__name__)
@@ -26,7 +31,8 @@ class SettingsError(ValueError):
 class Settings:
     """Every setting of the web app and the worker.
 
-    Each field is read from the environment variable named in its metadata (see ENV_NAMES).
+    Each field is read from its variable in ENV_NAMES, or when that is unset from its old
+    name in OLD_NAMES or a standard name in STANDARD_NAMES.
     """
 
     # Services
@@ -78,10 +84,19 @@ class Settings:
     signin_failures_per_account: int = 10
     signin_failures_per_address: int = 50
 
+    # Quotas: the default limits of each user, counting originals and every rendition;
+    # 0 means no limit. `gallery set-quota` sets other limits for one user.
+    quota_bytes: int = 10 * 1024**3
+    quota_images: int = 100_000
+
     # Worker
     # Processes that decode images in each worker; 0 means one per CPU core.
     worker_processes: int = 0
     purge_grace_seconds: int = 600
+
+    # Logs: "text" for people, "json" for one JSON object per line; a standard level name.
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,9 +104,12 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for field in fields(cls):
-            name = ENV_NAMES[field.name]
-            if name in environ:
-                values[field.name] = _parse(name, environ[name], type(getattr(cls, field.name)))
+            found = _read_variable(environ, field.name)
+            if found is not None:
+                name, raw = found
+                values[field.name] = _parse(name, raw, type(getattr(cls, field.name)))
+                if field.name in URL_SCHEMES and raw:
+                    _check_url(name, raw, URL_SCHEMES[field.name])
         return cls(**values).validated()
 
     def validated(self) -> Settings:
@@ -134,6 +152,12 @@ class Settings:
             "signin_failures_per_account",
             "signin_failures_per_address",
         )
+        self._check_choices()
+        for name in ("quota_bytes", "quota_images", "purge_grace_seconds"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"{ENV_NAMES[name]}={getattr(self, name)} is invalid: expected 0 or more"
+                )
         if self.worker_processes < 0:
             raise SettingsError(
                 f"GALLERY_WORKER_PROCESSES={self.worker_processes} is invalid: "
@@ -143,6 +167,23 @@ class Settings:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_NAMES[name]} must be a positive integer")
         return self
+
+    def _check_choices(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"GALLERY_LOG_FORMAT={self.log_format!r} is invalid: expected one of "
+                f"{', '.join(LOG_FORMATS)}"
+            )
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(
+                f"GALLERY_LOG_LEVEL={self.log_level!r} is invalid: expected one of "
+                f"{', '.join(LOG_LEVELS)}"
+            )
+        if self.secret_key and len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
+            raise SettingsError(
+                f"GALLERY_SECRET_KEY is too short ({len(self.secret_key)} characters): "
+                f"expected at least {MIN_SECRET_KEY_LENGTH} random characters"
+            )
 
     @property
     def uses_embedded_services(self) -> bool:
@@ -177,18 +218,78 @@ class Settings:
         for name in ("redis_url", "s3_endpoint_url", "aws_access_key_id", "aws_secret_access_key"):
             if not getattr(self, name):
                 raise SettingsError(f"{ENV_NAMES[name]} is not set")
-        if len(self.secret_key) < 32:
-            raise SettingsError("GALLERY_SECRET_KEY must be set to at least 32 random characters")
+        if len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
+            raise SettingsError(
+                f"GALLERY_SECRET_KEY must be set to at least {MIN_SECRET_KEY_LENGTH} "
+                "random characters"
+            )
         return self
 
 
 def _env_name(field_name: str) -> str:
-    if field_name.startswith(("redis_", "s3_", "aws_")):
+    # The credentials keep the standard AWS names, which SDKs and platforms already set.
+    if field_name.startswith("aws_"):
         return field_name.upper()
     return f"GALLERY_{field_name.upper()}"
 
 
 ENV_NAMES: dict[str, str] = {field.name: _env_name(field.name) for field in fields(Settings)}
+
+# Standard names read when the GALLERY_ name is unset, in this order.
+STANDARD_NAMES: dict[str, tuple[str, ...]] = {
+    "redis_url": ("REDIS_URL",),
+    "s3_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "s3_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+}
+
+# Names that earlier versions read. They still work, with a warning to rename them.
+OLD_NAMES: dict[str, str] = {
+    "s3_endpoint_url": "S3_ENDPOINT_URL",
+    "s3_public_endpoint_url": "S3_PUBLIC_ENDPOINT_URL",
+    "s3_bucket": "S3_BUCKET",
+    "s3_region": "S3_REGION",
+}
+
+
+# The URL schemes each URL setting accepts.
+URL_SCHEMES: dict[str, tuple[str, ...]] = {
+    "redis_url": ("redis", "rediss", "unix"),
+    "s3_endpoint_url": ("http", "https"),
+    "s3_public_endpoint_url": ("http", "https"),
+    "public_url": ("http", "https"),
+}
+
+
+def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
+    parsed = urlsplit(value)
+    if parsed.scheme not in schemes or not (parsed.netloc or parsed.path):
+        # The value is left out of the message, because a Redis URL may contain a password.
+        expected = " or ".join(f"{scheme}://..." for scheme in schemes)
+        raise SettingsError(f"{name} is not a valid URL: expected {expected}")
+
+
+def _read_variable(environ: Mapping[str, str], field_name: str) -> tuple[str, str] | None:
+    """Return the name and value of the variable that sets a field, or None when none does.
+
+    The GALLERY_ name wins over an old name, and both win over the standard names.
+    """
+    name = ENV_NAMES[field_name]
+    old_name = OLD_NAMES.get(field_name)
+    if old_name is not None and old_name in environ:
+        if name in environ and environ[name] != environ[old_name]:
+            raise SettingsError(
+                f"{name} and {old_name} are both set, to different values: "
+                f"{old_name} is the old name of {name}, so remove it"
+            )
+        if name not in environ:
+            logger.warning("%s is deprecated: rename it to %s", old_name, name)
+            return old_name, environ[old_name]
+    if name in environ:
+        return name, environ[name]
+    for standard_name in STANDARD_NAMES.get(field_name, ()):
+        if standard_name in environ:
+            return standard_name, environ[standard_name]
+    return None
 
 
 def _parse(name: str, raw: str, kind: type) -> object:
