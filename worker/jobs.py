@@ -52,7 +52,8 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
 
     elapsed_ms = (time.monotonic() - started) * 1000
     if outcome == "ready":
-        logger.info("upload %s of user %s ready in %.0f ms", upload.id, upload.user_id, elapsed_ms)
+        # The job's own line, from log_job, reports the duration at INFO.
+        logger.debug("upload %s of user %s ready in %.0f ms", upload.id, upload.user_id, elapsed_ms)
         return outcome
     await index.mark_rejected(redis, upload, outcome)
     logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, outcome)

@@ -14,6 +14,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker, create_worker
 
+from gallery.logs import log_job
 from gallery.settings import Settings
 from gallery.storage import Storage
 from worker.jobs import MAX_TRIES, purge_abandoned, verify_upload
@@ -45,8 +46,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 class WorkerSettings:
-    functions = (verify_upload,)
-    cron_jobs = (cron(purge_abandoned, second=0),)
+    functions = (log_job(verify_upload),)
+    cron_jobs = (cron(log_job(purge_abandoned), second=0),)
     on_startup = startup
     on_shutdown = shutdown
     max_tries = MAX_TRIES

@@ -22,6 +22,7 @@ from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
 
 from gallery import accounts, errors, images
+from gallery.logs import request_log_middleware
 from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SessionConfig
 from gallery.settings import Settings
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> Litestar:
             "sessions": RedisStore.with_client(url=settings.redis_url, namespace="gallery:sessions")
         },
         middleware=[
+            request_log_middleware,
             security_headers_middleware(security_headers(settings)),
             SessionConfig(secure=settings.cookies_secure).middleware,
         ],

@@ -8,28 +8,26 @@ import sys
 
 import click
 
+from gallery.logs import configure_logging
 from gallery.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def _load_settings() -> Settings:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as error:
         raise click.ClickException(str(error)) from None
+    configure_logging(settings)
+    return settings
 
 
 @click.group()
 def main() -> None:
     """Run the gallery: a self-hosted, multi-user private image gallery."""
-    _configure_logging()
+    # Until a command has read its settings, lines are text at INFO.
+    configure_logging(Settings())
 
 
 @main.command()
@@ -40,7 +38,14 @@ def serve() -> None:
     from gallery.app import create_app
 
     settings = _require_services(_load_settings())
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        # The app logs each request itself, with its id and duration.
+        access_log=False,
+    )
 
 
 @main.command()

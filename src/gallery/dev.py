@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from gallery.embedded import EmbeddedRedis, EmbeddedS3, free_port, is_port_free
+from gallery.logs import configure_logging
 from gallery.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def run_dev(settings: Settings) -> None:
         if settings.uses_embedded_services:
             settings = _start_embedded_services(settings, stack)
         settings = settings.require_services()
+        # Again, so that the embedded servers' generated keys are redacted too.
+        configure_logging(settings)
         asyncio.run(_prepare_bucket(settings))
 
         supervisor = WorkerSupervisor({**os.environ, **settings.to_env()})
@@ -45,7 +48,13 @@ def run_dev(settings: Settings) -> None:
         stack.callback(supervisor.stop)
 
         logger.info("gallery is serving at %s", settings.app_url)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+        )
 
 
 def _exit_on_signal(signum: int, _: object) -> None:

@@ -1,0 +1,130 @@
+"""Logging: one line per request and per job, JSON on request, and no secret in any line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+
+from gallery.logs import JsonFormatter, Redactor, configure_logging, secret_values
+from gallery.settings import Settings
+from tests.support import TEST_PASSWORD, make_jpeg, post_to_s3
+
+PRESIGNED = (
+    "http://127.0.0.1:8333/bucket/u/1/t/2.webp?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=AKIAEXAMPLE%2F20261204%2Fus-east-1%2Fs3%2Faws4_request"
+    "&X-Amz-Date=20261204T000000Z&X-Amz-Expires=600&X-Amz-SignedHeaders=host"
+    "&X-Amz-Signature=" + "ab" * 32
+)
+
+
+@pytest.fixture
+def captured_logs(settings):
+    """Hand over a factory that routes every log line to a buffer, in the given format."""
+    handlers = []
+    root = logging.getLogger()
+    level = root.level
+
+    def capture(log_format: str = "json", log_level: str = "DEBUG") -> io.StringIO:
+        buffer = io.StringIO()
+        configured = replace(settings, log_format=log_format, log_level=log_level)
+        handlers.append(configure_logging(configured, stream=buffer))
+        return buffer
+
+    yield capture
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_redactor_hides_presigned_url_and_secrets():
+    redact = Redactor(["s3cr3t-value-123"])
+
+    line = redact(
+        f"url {PRESIGNED} auth Signature={'cd' * 32} key s3cr3t-value-123 "
+        "redis redis://:pa55word-long@redis:6379/0"
+    )
+
+    assert "X-Amz-Signature" not in line
+    assert "ab" * 32 not in line
+    assert "cd" * 32 not in line
+    assert "s3cr3t-value-123" not in line
+    assert "pa55word-long" not in line
+    assert "<presigned URL>" in line
+
+
+def test_json_formatter_writes_extras():
+    record = logging.makeLogRecord(
+        {"name": "gallery.jobs", "msg": "job %s done", "args": ("j1",), "levelname": "INFO"}
+    )
+    record.job_id = "j1"
+    record.duration_ms = 12.5
+
+    line = json.loads(JsonFormatter(Redactor()).format(record))
+
+    assert line["message"] == "job j1 done"
+    assert line["job_id"] == "j1"
+    assert line["duration_ms"] == 12.5
+    assert line["logger"] == "gallery.jobs"
+
+
+def test_secret_values_include_redis_password():
+    settings = Settings(
+        redis_url="redis://:valkey-password-1@127.0.0.1:6379/0",
+        secret_key="k" * 32,
+        aws_secret_access_key="aws-secret-value",
+    )
+
+    assert set(secret_values(settings)) == {"valkey-password-1", "k" * 32, "aws-secret-value"}
+
+
+def test_text_format_is_one_line_per_record(captured_logs):
+    buffer = captured_logs("text", "INFO")
+
+    logging.getLogger("gallery.test").info("hello %s", "world")
+
+    assert buffer.getvalue().rstrip("\n").endswith("INFO gallery.test: hello world")
+
+
+async def test_requests_and_jobs_log_one_line_each_without_secrets(
+    captured_logs, make_client, run_worker, settings
+):
+    buffer = captured_logs("json", "DEBUG")
+    client = await make_client()
+    data = make_jpeg(300, 200)
+
+    form = (await client.request_form("photo.jpg", "image/jpeg", len(data))).json()
+    await post_to_s3(form, data)
+    await client.complete(form["id"])
+    await run_worker()
+    tile = await client.tile(form["id"])
+    download = await client.http.get(f"/images/{form['id']}/original", follow_redirects=False)
+    logging.getLogger("gallery.test").info("a presigned URL %s", download.headers["location"])
+
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    text = buffer.getvalue()
+    requests = [line for line in lines if line["logger"] == "gallery.requests"]
+    jobs = [line for line in lines if line["logger"] == "gallery.jobs"]
+    assert "X-Amz-Signature" in tile.text
+    assert [r["path"] for r in requests if r["method"] == "POST"][-2:] == [
+        "/uploads",
+        f"/uploads/{form['id']}/complete",
+    ]
+    assert all(r["request_id"] and r["duration_ms"] >= 0 for r in requests)
+    assert {r["status"] for r in requests if r["path"] == f"/images/{form['id']}/tile"} == {200}
+    assert [(j["function"], j["outcome"]) for j in jobs] == [("verify_upload", "ready")]
+    assert jobs[0]["job_id"]
+    assert jobs[0]["duration_ms"] > 0
+    for secret in (
+        settings.secret_key,
+        settings.aws_secret_access_key,
+        TEST_PASSWORD,
+        form["fields"]["policy"],
+        form["fields"]["x-amz-signature"],
+        "X-Amz-Signature",
+        "X-Amz-Credential",
+    ):
+        assert secret not in text
