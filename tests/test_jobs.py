@@ -53,6 +53,37 @@ async def test_object_with_other_type_is_rejected(client, run_worker, store, red
     assert "Rejected: type does not match" in (await client.tile(form["id"])).text
 
 
+async def test_object_over_signed_size_is_rejected(client, run_worker, store):
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+    owner = form["fields"]["x-amz-meta-owner"]
+    # A form enforces the signed size, so only a holder of the server's keys can write this.
+    larger = data + bytes(100)
+    key = form["fields"]["key"]
+    await store.write(key, larger, content_type="image/jpeg", metadata={"owner": owner})
+
+    await client.complete(form["id"])
+    await run_worker()
+
+    assert "Rejected: too large" in (await client.tile(form["id"])).text
+    assert await store.head(key) is None
+
+
+async def test_read_object_skips_body_over_limit(store):
+    key = "u/nobody/o/read-object"
+    await store.write(key, b"12345", content_type="image/jpeg", metadata={"owner": "nobody"})
+
+    within = await store.read_object(key, max_bytes=5)
+    over = await store.read_object(key, max_bytes=4)
+    missing = await store.read_object("u/nobody/o/missing", max_bytes=5)
+
+    assert within.body == b"12345"
+    assert within.info == storage.ObjectInfo(5, "image/jpeg", {"owner": "nobody"})
+    assert over.body is None
+    assert over.info.size == 5
+    assert missing is None
+
+
 async def test_complete_without_object_is_rejected(client, run_worker):
     form = await _issue_form(client, make_jpeg())
 

@@ -36,6 +36,9 @@ ALLOWED_UPLOAD_TYPES = (
     "image/tiff",
 )
 
+# Error codes of a HEAD or GET of a key that does not exist.
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+
 # DeleteObjects takes at most this many keys per request.
 DELETE_BATCH_SIZE = 1000
 
@@ -107,6 +110,13 @@ class ObjectInfo:
     size: int
     content_type: str
     metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    info: ObjectInfo
+    # None when the object was larger than the limit it was read with.
+    body: bytes | None
 
 
 class Storage:
@@ -308,19 +318,32 @@ class Storage:
         try:
             response = await self._client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as error:
-            if _error_code(error) in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(error) in _NOT_FOUND_CODES:
                 return None
             raise
-        return ObjectInfo(
-            size=response["ContentLength"],
-            content_type=response.get("ContentType", ""),
-            metadata=response.get("Metadata", {}),
-        )
+        return _object_info(response)
 
     async def read(self, key: str) -> bytes:
         response = await self._client.get_object(Bucket=self.bucket, Key=key)
         async with response["Body"] as body:
             return await body.read()
+
+    async def read_object(self, key: str, *, max_bytes: int) -> StoredObject | None:
+        """Return an object's info and bytes in one GET, or None when it does not exist.
+
+        The bytes of an object larger than `max_bytes` are not read: its body is None.
+        """
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if _error_code(error) in _NOT_FOUND_CODES:
+                return None
+            raise
+        info = _object_info(response)
+        async with response["Body"] as body:
+            if info.size > max_bytes:
+                return StoredObject(info, None)
+            return StoredObject(info, await body.read())
 
     async def write(
         self,
@@ -396,6 +419,14 @@ def attachment_disposition(filename: str) -> str:
         char if " " <= char < "\x7f" and char not in '"\\' else "_" for char in filename
     )
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _object_info(response: dict[str, Any]) -> ObjectInfo:
+    return ObjectInfo(
+        size=response["ContentLength"],
+        content_type=response.get("ContentType", ""),
+        metadata=response.get("Metadata", {}),
+    )
 
 
 def _error_code(error: ClientError) -> str:
