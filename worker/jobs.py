@@ -12,7 +12,7 @@ from urllib.parse import quote
 from arq import Retry
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gallery import index, jobs, storage
+from gallery import index, jobs, quotas, storage
 from gallery.imaging import ImageRejected, Renditions, make_renditions
 from gallery.index import State, Upload
 
@@ -56,6 +56,7 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
         logger.debug("upload %s of user %s ready in %.0f ms", upload.id, upload.user_id, elapsed_ms)
         return outcome
     await index.mark_rejected(redis, upload, outcome)
+    await quotas.release(redis, upload.user_id, upload.id)
     logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, outcome)
     return "rejected"
 
@@ -100,7 +101,9 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         await store.delete([incoming, original])
         return rejection.reason
 
-    await _store_image(store, upload, data, processed)
+    stored_bytes = await _store_image(store, upload, data, processed)
+    # Counted before the record turns ready, so a delete at any moment frees what it counted.
+    await quotas.commit(ctx["redis"], upload.user_id, upload.id, stored_bytes)
     if source == incoming:
         await store.delete([incoming])
     ready = await index.mark_ready(
@@ -115,6 +118,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
     if not ready:
         # The owner deleted the image while this job ran: leave nothing behind.
         await store.delete(storage.image_keys(upload.user_id, upload.id))
+        await quotas.release(ctx["redis"], upload.user_id, upload.id)
     return "ready"
 
 
@@ -130,7 +134,8 @@ def _check_object(upload: Upload, info: storage.ObjectInfo, is_incoming: bool) -
 
 async def _store_image(
     store: storage.Storage, upload: Upload, data: bytes, processed: Renditions
-) -> None:
+) -> int:
+    """Write the original and its renditions; return the bytes written, for the quota."""
     # The metadata lets the index be rebuilt from the bucket alone.
     metadata = {
         "owner": upload.user_id,
@@ -143,11 +148,8 @@ async def _store_image(
         content_type=processed.content_type,
         metadata=metadata,
     )
-    renditions = zip(
-        storage.rendition_keys(upload.user_id, upload.id),
-        (processed.thumbnail, processed.thumbnail_2x, processed.display),
-        strict=True,
-    )
+    bodies = (processed.thumbnail, processed.thumbnail_2x, processed.display)
+    renditions = zip(storage.rendition_keys(upload.user_id, upload.id), bodies, strict=True)
     for key, body in renditions:
         await store.write(
             key,
@@ -156,6 +158,7 @@ async def _store_image(
             metadata={"owner": upload.user_id},
             cache_control=storage.RENDITION_CACHE_CONTROL,
         )
+    return len(data) + sum(len(body) for body in bodies)
 
 
 async def purge_abandoned(ctx: dict[str, Any]) -> int:

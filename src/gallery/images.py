@@ -18,10 +18,11 @@ from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_303_SEE_OTHER,
     HTTP_400_BAD_REQUEST,
+    HTTP_403_FORBIDDEN,
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
-from gallery import index, jobs, limits, storage
+from gallery import index, jobs, limits, quotas, storage
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -111,7 +112,15 @@ async def list_images(
     uploads, next_cursor = await index.list_grid(
         redis, user_id, before=before, limit=settings.page_size
     )
+    quota = await quotas.get_quota(redis, user_id, settings)
+    usage = await quotas.get_usage(redis, user_id)
+    space_left = usage.space_left(quota)
     context = {
+        "quota_text": quotas.describe(quota, usage),
+        # The largest file a form is signed for: the file limit, or less when space is short.
+        "max_file_bytes": min(settings.max_upload_bytes, space_left)
+        if space_left is not None
+        else settings.max_upload_bytes,
         "tiles": await make_tiles(uploads, store),
         "next_cursor": next_cursor,
         "count": await index.count_grid(redis, user_id),
@@ -163,6 +172,15 @@ async def create_upload(
             "Wait for them to finish, then try again."
         )
         return _too_many_requests(message, PENDING_RETRY_SECONDS)
+    try:
+        await quotas.reserve(
+            redis, settings, user_id, upload.id, upload.max_bytes, upload.form_expires_at
+        )
+    except quotas.OverQuota as over:
+        await index.delete_upload(redis, upload)
+        logger.warning("user %s is over quota: %s", user_id, over)
+        message = f"This file does not fit in your quota. {over} Delete images to free space."
+        return Response({"error": message}, status_code=HTTP_403_FORBIDDEN)
     form = await store.presign_upload(
         storage.incoming_key(user_id, upload.id),
         content_type=upload.content_type,
@@ -212,6 +230,7 @@ async def complete_upload(
     if upload is None:
         raise NotFoundException("No such upload.")
     if await index.mark_uploaded(redis, upload):
+        await quotas.hold(redis, user_id, upload.id)
         await jobs.enqueue_verify(redis, upload.id)
     if not request.htmx:
         return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
@@ -279,6 +298,7 @@ async def delete_image(
     upload = await _owned_upload(redis, user_id, image_id)
     await store.delete(storage.image_keys(user_id, upload.id))
     await index.delete_upload(redis, upload)
+    await quotas.release(redis, user_id, upload.id)
     logger.info("deleted image %s of user %s", upload.id, user_id)
     return Response("", media_type="text/html")
 
