@@ -15,7 +15,8 @@ from PIL import Image
 from gallery import index, storage
 from gallery.index import State
 from tests.support import HTMX, make_jpeg, post_to_s3, seed_grid
-from worker.jobs import purge_abandoned, verify_upload
+from worker.jobs import verify_upload
+from worker.sweep import sweep_uploads
 
 
 async def fetch(url: str) -> httpx.Response:
@@ -278,23 +279,29 @@ async def test_tile_without_htmx_redirects_to_gallery(client, run_worker):
     assert response.headers["location"] == "/images"
 
 
-async def test_purge_deletes_abandoned_upload_once_per_tick(client, store, redis, settings):
-    data = make_jpeg()
-    response = await client.request_form("gone.jpg", "image/jpeg", len(data))
+async def test_sweep_purges_abandoned_upload_once_per_tick(client, store, redis, settings):
+    response = await client.request_form("gone.jpg", "image/jpeg", 100)
     form = response.json()
-    assert (await post_to_s3(form, data)).status_code == 201
-    await redis.zadd(index.PENDING_KEY, {form["id"]: time.time() - 3600})
+    expired = time.time() - 3600
+    await redis.hset(f"gallery:upload:{form['id']}", "form_expires_at", expired)
+    await redis.zadd(index.PENDING_KEY, {form["id"]: expired})
     upload = await index.get_upload(redis, form["id"])
-    await redis.delete(f"gallery:lock:purge:{int(time.time() // 60)}")
-    ctx = {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=60)}
+    # A tick of its own, an hour ago, which no running worker can have claimed.
+    tick_ms = int(expired * 1000) // 60_000 * 60_000
+    ctx = {
+        "redis": redis,
+        "store": store,
+        "settings": replace(settings, purge_grace_seconds=60),
+        "job_id": f"cron:sweep_uploads:{tick_ms}",
+    }
 
-    first = await purge_abandoned(ctx)
-    second = await purge_abandoned(ctx)
+    first = await sweep_uploads(ctx)
+    second = await sweep_uploads(ctx)
 
     assert first >= 1
     assert second == 0
-    assert await store.head(storage.incoming_key(upload.user_id, upload.id)) is None
     assert await index.get_upload(redis, upload.id) is None
+    assert await redis.zscore(index.PENDING_KEY, upload.id) is None
 
 
 async def _user_id(client, redis) -> str:

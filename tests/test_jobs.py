@@ -13,8 +13,8 @@ from gallery import index, storage
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import make_jpeg, post_to_s3
-from worker.jobs import purge_abandoned
 from worker.settings import make_worker
+from worker.sweep import sweep
 
 
 async def _issue_form(client, data: bytes, name: str = "photo.jpg") -> dict:
@@ -119,7 +119,7 @@ async def test_complete_of_other_users_upload_returns_404(make_client, run_worke
     assert (await index.get_upload(redis, form["id"])).state == State.ISSUED
 
 
-async def test_purge_requeues_upload_whose_job_went_missing(
+async def test_sweep_requeues_upload_whose_job_went_missing(
     client, run_worker, store, redis, settings
 ):
     data = make_jpeg()
@@ -128,13 +128,12 @@ async def test_purge_requeues_upload_whose_job_went_missing(
     upload = await index.get_upload(redis, form["id"])
     await index.mark_uploaded(redis, upload)
     await redis.zadd(index.PENDING_KEY, {upload.id: time.time() - 3600})
-    await redis.delete(f"gallery:lock:purge:{int(time.time() // 60)}")
     ctx = {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=60)}
 
-    purged = await purge_abandoned(ctx)
+    counts = await sweep(ctx)
     await run_worker()
 
-    assert purged == 0
+    assert counts.requeued >= 1
     assert (await index.get_upload(redis, upload.id)).state == State.READY
 
 
@@ -199,10 +198,9 @@ async def test_animation_over_pixel_budget_is_rejected(client, settings, store, 
     assert "Rejected: too large" in (await client.tile(upload_id)).text
 
 
-async def _purge_now(redis, store, settings) -> int:
-    await redis.delete(f"gallery:lock:purge:{int(time.time() // 60)}")
+async def _purge_now(redis, store, settings) -> None:
     ctx = {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=0)}
-    return await purge_abandoned(ctx)
+    await sweep(ctx)
 
 
 async def test_purge_deletes_file_posted_again_after_ready(

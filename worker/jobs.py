@@ -1,24 +1,49 @@
-"""The worker's jobs: verify each upload and make its thumbnail; purge abandoned uploads."""
+"""The verify job: check each upload against its record and bytes, then make its renditions."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any
 from urllib.parse import quote
 
 from arq import Retry
 from botocore.exceptions import BotoCoreError, ClientError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import index, jobs, quotas, storage
+from gallery import index, quotas, storage
 from gallery.imaging import ImageRejected, Renditions, make_renditions
-from gallery.index import State, Upload
+from gallery.index import Upload
 
 logger = logging.getLogger(__name__)
 
+# arq runs a job at most this many times; each Retry below counts as one.
 MAX_TRIES = 5
+# Seconds before the next try after a transient error, by the number of the failed try.
+RETRY_DELAYS = (2, 8, 30, 120)
+# Runs of one upload's job, counted in its record, after which it is rejected as failed.
+# Unlike MAX_TRIES this also counts runs that never ended: a worker killed mid-job, or a
+# job that hit arq's timeout, which the sweep queues again.
+MAX_ATTEMPTS = 8
+
+# Errors that a later try may not meet: S3 or Redis unreachable or failing, or a decoding
+# process that died. Every other error is final for the upload.
+TRANSIENT_ERRORS = (
+    ClientError,
+    BotoCoreError,
+    OSError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    BrokenProcessPool,
+)
 
 # Reasons shown on an upload's tile when its object is missing, changed or unreadable.
 REASON_MISSING = "the file never arrived"
@@ -28,27 +53,45 @@ REASON_WRONG_OWNER = "not uploaded with this account's form"
 REASON_FAILED = "processing failed; upload it again"
 
 
-async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
-    """Check one upload against its record and its bytes, then store it and its thumbnail.
+def make_pool(processes: int) -> ProcessPoolExecutor:
+    """Start the process pool that decodes images off the event loop.
 
-    Safe to run twice: a finished upload is left alone, and a run that stopped after moving
-    the original picks up from the original.
+    Spawned, not forked: a fork would copy the event loop and open sockets. The pool's
+    processes ignore Ctrl-C, which reaches the whole process group: the worker shuts the
+    pool down itself.
+    """
+    return ProcessPoolExecutor(
+        max_workers=processes or os.cpu_count() or 1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN),
+    )
+
+
+async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
+    """Check one upload against its record and its bytes, then store it and its renditions.
+
+    Idempotent: a finished upload is left alone, a run that stopped after moving the
+    original picks up from the original, every object has a fixed key, and the first run
+    to finish the record wins. Transient errors retry with backoff up to MAX_TRIES; an
+    image the checks reject, and any other error, is final.
     """
     started = time.monotonic()
     redis, store = ctx["redis"], ctx["store"]
     upload = await index.get_upload(redis, upload_id)
-    if upload is None or upload.state in (State.READY, State.REJECTED):
+    if upload is None or not upload.is_processing:
+        return "skipped"
+    attempts = await index.mark_verifying(redis, upload)
+    if not attempts:
         return "skipped"
 
-    try:
-        outcome = await _verify(ctx, upload)
-    except (ClientError, BotoCoreError, OSError) as error:
-        if ctx["job_try"] < MAX_TRIES:
-            logger.warning("upload %s: storage error %r, retrying", upload.id, error)
-            raise Retry(defer=ctx["job_try"] * 5) from error
-        logger.exception("upload %s: giving up after %d tries", upload.id, ctx["job_try"])
+    if attempts > MAX_ATTEMPTS:
+        logger.warning("upload %s: giving up after %d attempts", upload.id, attempts - 1)
         outcome = REASON_FAILED
-        await store.delete([storage.incoming_key(upload.user_id, upload.id)])
+    else:
+        outcome = await _verify_or_retry(ctx, upload)
+    if outcome == REASON_FAILED:
+        await store.delete(storage.image_keys(upload.user_id, upload.id))
 
     elapsed_ms = (time.monotonic() - started) * 1000
     if outcome == "ready":
@@ -59,6 +102,32 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
     await quotas.release(redis, upload.user_id, upload.id)
     logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, outcome)
     return "rejected"
+
+
+async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
+    """Run the checks; raise Retry on a transient error until the last try."""
+    job_try = ctx.get("job_try", 1)
+    try:
+        return await _verify(ctx, upload)
+    except TRANSIENT_ERRORS as error:
+        if isinstance(error, BrokenProcessPool):
+            # A decoding process died, perhaps killed for its memory: start a new pool.
+            ctx["pool"] = make_pool(ctx["settings"].worker_processes)
+        if job_try < MAX_TRIES:
+            delay = RETRY_DELAYS[min(job_try, len(RETRY_DELAYS)) - 1]
+            logger.warning(
+                "upload %s: try %d failed with %r, retrying in %d s",
+                upload.id,
+                job_try,
+                error,
+                delay,
+            )
+            raise Retry(defer=delay) from error
+        logger.exception("upload %s: giving up after %d tries", upload.id, job_try)
+        return REASON_FAILED
+    except Exception:
+        logger.exception("upload %s: processing failed", upload.id)
+        return REASON_FAILED
 
 
 async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
@@ -116,7 +185,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         placeholder=processed.placeholder,
     )
     if not ready:
-        # The owner deleted the image while this job ran: leave nothing behind.
+        # The owner deleted the image, or another run rejected it, while this job ran.
         await store.delete(storage.image_keys(upload.user_id, upload.id))
         await quotas.release(ctx["redis"], upload.user_id, upload.id)
     return "ready"
@@ -136,11 +205,15 @@ async def _store_image(
     store: storage.Storage, upload: Upload, data: bytes, processed: Renditions
 ) -> int:
     """Write the original and its renditions; return the bytes written, for the quota."""
-    # The metadata lets the index be rebuilt from the bucket alone.
+    # The metadata lets `gallery reindex` rebuild the record from the bucket alone. S3
+    # metadata is ASCII, so the name is percent-encoded.
     metadata = {
         "owner": upload.user_id,
         "filename": quote(upload.filename, safe=""),
         "created-at": f"{upload.created_at:.3f}",
+        "width": str(processed.width),
+        "height": str(processed.height),
+        "placeholder": processed.placeholder,
     }
     await store.write(
         storage.original_key(upload.user_id, upload.id),
@@ -159,52 +232,3 @@ async def _store_image(
             cache_control=storage.RENDITION_CACHE_CONTROL,
         )
     return len(data) + sum(len(body) for body in bodies)
-
-
-async def purge_abandoned(ctx: dict[str, Any]) -> int:
-    """Delete uploads whose form expired unused; queue again those whose job went missing.
-
-    Also deletes stray objects under the incoming prefix: a form stays valid for minutes
-    and S3 accepts it more than once, so a file can arrive after its upload was finished,
-    rejected or deleted. Runs once per tick however many workers run: the first worker to
-    claim the tick's lock in Redis does the work. Returns how many uploads and stray
-    objects it deleted.
-    """
-    redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
-    tick = int(time.time() // 60)
-    if not await redis.set(f"{index.PREFIX}:lock:purge:{tick}", "1", nx=True, ex=120):
-        return 0
-
-    cutoff = time.time() - settings.purge_grace_seconds
-    overdue = await index.overdue_uploads(redis, cutoff)
-    abandoned = [upload for upload in overdue if upload.state == State.ISSUED]
-    await store.delete(storage.incoming_key(u.user_id, u.id) for u in abandoned)
-    for upload in abandoned:
-        await index.delete_upload(redis, upload)
-    for upload in overdue:
-        if upload.state == State.UPLOADED:
-            await jobs.enqueue_verify(redis, upload.id)
-    stray = await _stray_incoming_keys(redis, store, cutoff)
-    await store.delete(stray)
-    if overdue or stray:
-        logger.info(
-            "purged %d abandoned uploads and %d stray objects, queued %d again",
-            len(abandoned),
-            len(stray),
-            len(overdue) - len(abandoned),
-        )
-    return len(abandoned) + len(stray)
-
-
-async def _stray_incoming_keys(redis: Any, store: storage.Storage, cutoff: float) -> list[str]:
-    """Return incoming keys older than the cutoff whose upload no longer waits for a file."""
-    stray = []
-    async for key, modified_at in store.list_objects(storage.INCOMING_LIFECYCLE_PREFIX):
-        if modified_at > cutoff:
-            continue
-        _, user_id, upload_id = key.split("/", 2)
-        upload = await index.get_upload(redis, upload_id)
-        waiting = upload is not None and upload.is_processing and upload.user_id == user_id
-        if not waiting:
-            stray.append(key)
-    return stray

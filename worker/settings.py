@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import multiprocessing
-import os
-import signal
-from concurrent.futures import ProcessPoolExecutor
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 from arq import cron
 from arq.connections import RedisSettings
-from arq.worker import Worker, create_worker
+from arq.worker import Worker, get_kwargs
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery.logs import log_job
 from gallery.settings import Settings
 from gallery.storage import Storage
-from worker.jobs import MAX_TRIES, purge_abandoned, verify_upload
+from worker.jobs import MAX_TRIES, make_pool, verify_upload
+from worker.sweep import sweep_uploads
 
 logger = logging.getLogger(__name__)
+
+# Each Redis command is sent again on a lost connection, with exponential backoff from
+# 0.1 s up to 2 s between tries, so a restart of the server of a few seconds goes unnoticed.
+REDIS_COMMAND_RETRIES = 8
+# After that, the polling loop waits this long, at most, between tries to reach Redis.
+MAX_RECONNECT_DELAY = 10.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -27,15 +36,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     stack = AsyncExitStack()
     ctx["stack"] = stack
     ctx["store"] = await stack.enter_async_context(Storage.open(ctx["settings"]))
-    # Spawned, not forked: a fork would copy the event loop and open sockets.
-    # The pool's processes ignore Ctrl-C, which reaches the whole process group: the worker
-    # shuts the pool down itself.
-    ctx["pool"] = ProcessPoolExecutor(
-        max_workers=ctx["settings"].worker_processes or os.cpu_count() or 1,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=signal.signal,
-        initargs=(signal.SIGINT, signal.SIG_IGN),
-    )
+    ctx["pool"] = make_pool(ctx["settings"].worker_processes)
     logger.info("worker started")
 
 
@@ -45,24 +46,61 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     logger.info("worker stopped")
 
 
+class ReconnectingWorker(Worker):
+    """An arq worker that waits for Redis to come back instead of exiting when it is gone.
+
+    arq 0.28 lets a connection error out of its polling loop, which stops the worker.
+    """
+
+    _outage_started: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            await self._wait_after_error(error)
+            return
+        if self._outage_started is not None:
+            down = time.monotonic() - self._outage_started
+            logger.info("Redis is reachable again after %.1f s", down)
+            self._outage_started = None
+
+    async def _wait_after_error(self, error: Exception) -> None:
+        now = time.monotonic()
+        if self._outage_started is None:
+            self._outage_started = now
+            logger.warning("Redis is unreachable (%r); retrying until it is back", error)
+        down = now - self._outage_started
+        await asyncio.sleep(min(MAX_RECONNECT_DELAY, 0.5 + down / 2))
+
+
 class WorkerSettings:
     functions = (log_job(verify_upload),)
-    cron_jobs = (cron(log_job(purge_abandoned), second=0),)
     on_startup = startup
     on_shutdown = shutdown
     max_tries = MAX_TRIES
     job_timeout = 300
     # No kept results: a job id then blocks a duplicate only while the job is queued or runs.
     keep_result = 0
-    # `gallery worker --check` reads the health record, so it must be fresh.
+    # `gallery worker --check` and /readyz read the health record, so it must be fresh.
     health_check_interval = 30
+
+
+def redis_settings(settings: Settings, *, command_retries: int) -> RedisSettings:
+    """Return arq's connection settings, retrying each command on a lost connection."""
+    redis = RedisSettings.from_dsn(settings.redis_url)
+    redis.retry = RedisRetry(ExponentialBackoff(cap=2, base=0.1), command_retries)
+    redis.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+    return redis
 
 
 def make_worker(settings: Settings, **overrides: Any) -> Worker:
     """Build a worker for these settings; tests pass burst=True."""
-    return create_worker(
-        WorkerSettings,
-        redis_settings=RedisSettings.from_dsn(settings.redis_url),
-        ctx={"settings": settings},
+    seconds = set(range(0, 60, settings.sweep_interval_seconds))
+    options: dict[str, Any] = {
+        "redis_settings": redis_settings(settings, command_retries=REDIS_COMMAND_RETRIES),
+        "ctx": {"settings": settings},
+        "cron_jobs": [cron(log_job(sweep_uploads), second=seconds)],
         **overrides,
-    )
+    }
+    return ReconnectingWorker(**{**get_kwargs(WorkerSettings), **options})

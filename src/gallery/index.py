@@ -17,12 +17,25 @@ PREFIX = "gallery"
 
 
 class State(StrEnum):
-    """The stage an upload has reached."""
+    """The stage an upload has reached.
+
+    issued -> uploaded -> verifying -> ready or rejected. The sweep also moves an issued
+    upload to uploaded when its file arrived but the browser never reported it, and deletes
+    one whose file never arrived.
+    """
 
     ISSUED = "issued"  # a form was signed; the browser may be posting the file
-    UPLOADED = "uploaded"  # the browser reported the upload done; verification is queued
+    UPLOADED = "uploaded"  # the file was reported or found in S3; verification is queued
+    VERIFYING = "verifying"  # a worker is checking the file and making the renditions
     READY = "ready"
     REJECTED = "rejected"
+
+
+# The states in which a worker still owes the upload some work.
+PROCESSING_STATES = (State.ISSUED, State.UPLOADED, State.VERIFYING)
+
+# How long an upload may stay uploaded or verifying before the sweep looks at it again.
+SWEEP_AFTER_SECONDS = 60
 
 
 @dataclass
@@ -43,10 +56,14 @@ class Upload:
     size: int = 0
     # A data URI of a tiny preview, shown until the thumbnail has loaded.
     placeholder: str = ""
+    # The Unix time of the last change of state.
+    updated_at: float = 0.0
+    # How many times a worker has started verifying this upload.
+    attempts: int = 0
 
     @property
     def is_processing(self) -> bool:
-        return self.state in (State.ISSUED, State.UPLOADED)
+        return self.state in PROCESSING_STATES
 
 
 def _record_key(upload_id: str) -> str:
@@ -57,7 +74,8 @@ def _grid_key(user_id: str) -> str:
     return f"{PREFIX}:grid:{user_id}"
 
 
-# Uploads whose form may still be outstanding, scored by the form's expiry time.
+# Unfinished uploads, scored by when the sweep should next look at them: an issued upload
+# when its form expires, an uploaded or verifying one SWEEP_AFTER_SECONDS after it got there.
 PENDING_KEY = f"{PREFIX}:pending"
 
 
@@ -77,10 +95,20 @@ class TooManyPendingUploads(Exception):
 # Lua scripts run atomically in Redis, so two requests or jobs cannot both make a move.
 _MARK_UPLOADED = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'issued' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'uploaded')
+redis.call('HSET', KEYS[1], 'state', 'uploaded', 'updated_at', ARGV[2])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], '+inf', ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 return 1
+"""
+
+# Returns the new attempt count, or 0 when the upload is not waiting for a worker.
+_MARK_VERIFYING = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'uploaded' and state ~= 'verifying' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'verifying', 'updated_at', ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
 
 # The cap check and the insert happen in one step, so parallel requests cannot pass it.
@@ -93,13 +121,17 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return 1
 """
 
-# A record deleted by its owner while a job ran must not come back.
+# Returns the record's final state. A record deleted by its owner while a job ran must not
+# come back, so then it returns an empty string. The first run to finish an upload wins, so
+# a second run of the same job cannot change a ready image into a rejected one.
 _FINISH = """
 redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return '' end
+if state == 'ready' or state == 'rejected' then return state end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return redis.call('HGET', KEYS[1], 'state')
 """
 
 
@@ -156,6 +188,7 @@ async def create_upload(
         state=State.ISSUED,
         created_at=now,
         form_expires_at=now + form_seconds,
+        updated_at=now,
     )
     flat = [item for pair in _encode(upload).items() for item in pair]
     keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(user_id))
@@ -179,17 +212,52 @@ async def get_owned_upload(redis: Redis, user_id: str, upload_id: str) -> Upload
 
 async def mark_uploaded(redis: Redis, upload: Upload) -> bool:
     """Move an issued upload into its owner's grid; False when it had already moved on."""
+    now = time.time()
     moved = await redis.eval(
         _MARK_UPLOADED,
-        3,
+        4,
         _record_key(upload.id),
         _grid_key(upload.user_id),
         _user_pending_key(upload.user_id),
+        PENDING_KEY,
         upload.id,
+        now,
+        now + SWEEP_AFTER_SECONDS,
     )
     if moved:
         upload.state = State.UPLOADED
+        upload.updated_at = now
     return bool(moved)
+
+
+async def mark_verifying(redis: Redis, upload: Upload) -> int:
+    """Move an uploaded upload to verifying and count the attempt.
+
+    Returns the attempt count, or 0 when the upload is not waiting for a worker (it is
+    still issued, already finished, or gone).
+    """
+    now = time.time()
+    attempts = await redis.eval(
+        _MARK_VERIFYING,
+        2,
+        _record_key(upload.id),
+        PENDING_KEY,
+        upload.id,
+        now,
+        now + SWEEP_AFTER_SECONDS,
+    )
+    if attempts:
+        upload.state = State.VERIFYING
+        upload.updated_at = now
+        upload.attempts = int(attempts)
+    return int(attempts)
+
+
+async def postpone_sweep(
+    redis: Redis, upload: Upload, seconds: float = SWEEP_AFTER_SECONDS
+) -> None:
+    """Have the sweep look at an unfinished upload again only after `seconds`."""
+    await redis.zadd(PENDING_KEY, {upload.id: time.time() + seconds}, xx=True)
 
 
 async def mark_ready(
@@ -202,9 +270,14 @@ async def mark_ready(
     size: int,
     placeholder: str = "",
 ) -> bool:
-    """Mark an upload ready; False when its owner deleted it while the job ran."""
+    """Mark an upload ready.
+
+    Returns False when the image must not be shown: its owner deleted it while the job ran,
+    or another run of the job rejected it first.
+    """
     values = {
         "state": State.READY,
+        "updated_at": str(time.time()),
         "content_type": content_type,
         "width": str(width),
         "height": str(height),
@@ -216,13 +289,19 @@ async def mark_ready(
 
 
 async def mark_rejected(redis: Redis, upload: Upload, reason: str) -> bool:
-    return await _finish(redis, upload, {"state": State.REJECTED, "reason": reason})
+    """Mark an upload rejected; False when it was deleted or another run finished it first."""
+    values = {"state": State.REJECTED, "reason": reason, "updated_at": str(time.time())}
+    return await _finish(redis, upload, values)
 
 
 async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
+    """Apply a final state; return whether the record now holds exactly that state."""
     flat = [item for pair in values.items() for item in pair]
     keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(upload.user_id))
-    return bool(await redis.eval(_FINISH, len(keys), *keys, upload.id, *flat))
+    final_state = await redis.eval(_FINISH, len(keys), *keys, upload.id, *flat)
+    if isinstance(final_state, bytes):
+        final_state = final_state.decode()
+    return final_state == values["state"]
 
 
 async def delete_upload(redis: Redis, upload: Upload) -> bool:
@@ -262,9 +341,9 @@ async def count_grid(redis: Redis, user_id: str) -> int:
     return await redis.zcard(_grid_key(user_id))
 
 
-async def overdue_uploads(redis: Redis, cutoff: float, *, limit: int = 1000) -> list[Upload]:
-    """Return uploads whose form expired before the cutoff and that are still unfinished."""
-    ids = await redis.zrangebyscore(PENDING_KEY, "-inf", cutoff, start=0, num=limit)
+async def due_uploads(redis: Redis, now: float, *, limit: int = 1000) -> list[Upload]:
+    """Return unfinished uploads that the sweep should look at by `now`, oldest due first."""
+    ids = await redis.zrangebyscore(PENDING_KEY, "-inf", now, start=0, num=limit)
     uploads = []
     for raw in ids:
         upload = await get_upload(redis, raw.decode())
@@ -273,3 +352,16 @@ async def overdue_uploads(redis: Redis, cutoff: float, *, limit: int = 1000) -> 
         else:
             uploads.append(upload)
     return uploads
+
+
+async def processing_owners(redis: Redis, upload_ids: list[str]) -> list[str | None]:
+    """Return the owner of each upload that still waits for a worker, else None, in order."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for upload_id in upload_ids:
+            pipe.hmget(_record_key(upload_id), "user_id", "state")
+        rows = await pipe.execute()
+    owners: list[str | None] = []
+    for user_id, state in rows:
+        waiting = user_id is not None and state is not None and state.decode() in PROCESSING_STATES
+        owners.append(user_id.decode() if waiting else None)
+    return owners

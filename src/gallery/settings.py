@@ -93,6 +93,8 @@ class Settings:
     # Processes that decode images in each worker; 0 means one per CPU core.
     worker_processes: int = 0
     purge_grace_seconds: int = 600
+    # How often the sweep looks for stuck, unreported and abandoned uploads; divides 60.
+    sweep_interval_seconds: int = 60
 
     # Logs: "text" for people, "json" for one JSON object per line; a standard level name.
     log_format: str = "text"
@@ -166,6 +168,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_NAMES[name]} must be a positive integer")
+        if not 1 <= self.sweep_interval_seconds <= 60 or 60 % self.sweep_interval_seconds:
+            raise SettingsError(
+                f"GALLERY_SWEEP_INTERVAL_SECONDS={self.sweep_interval_seconds} is invalid: "
+                "expected a number of seconds that divides 60, such as 10, 30 or 60"
+            )
         return self
 
     def _check_choices(self) -> None:
