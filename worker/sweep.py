@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from arq.constants import job_key_prefix
@@ -32,6 +32,8 @@ class SweepCounts:
     failed: int = 0
     purged: int = 0
     stray: int = 0
+    # One line per action, for `gallery purge`.
+    actions: list[str] = field(default_factory=list)
 
 
 async def claim_tick(redis: Any, name: str, interval: int, scheduled_at: float) -> bool:
@@ -84,8 +86,12 @@ async def sweep_uploads(ctx: dict[str, Any]) -> int:
 
 
 async def sweep(ctx: dict[str, Any]) -> SweepCounts:
-    """Move every due upload on, then delete stray incoming files; the body of the cron."""
+    """Move every due upload on, then delete stray incoming files; the body of the cron.
+
+    With `dry_run` true in ctx it changes nothing and only counts and lists the actions.
+    """
     redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
+    dry_run = ctx.get("dry_run", False)
     now = time.time()
     counts = SweepCounts()
     for upload in await index.due_uploads(redis, now, limit=SWEEP_BATCH):
@@ -95,8 +101,10 @@ async def sweep(ctx: dict[str, Any]) -> SweepCounts:
             await _sweep_unfinished(ctx, upload, counts)
     cutoff = now - settings.purge_grace_seconds
     stray = await _stray_incoming_keys(redis, store, cutoff)
-    await store.delete(stray)
+    if not dry_run:
+        await store.delete(stray)
     counts.stray = len(stray)
+    counts.actions.extend(f"delete stray object {key}" for key in stray)
     return counts
 
 
@@ -105,38 +113,53 @@ async def _sweep_issued(
 ) -> None:
     """Verify an upload whose file arrived unreported; purge one whose file never came."""
     redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
+    dry_run = ctx.get("dry_run", False)
+    owner = f"{upload.id} of user {upload.user_id}"
     if await store.head(storage.incoming_key(upload.user_id, upload.id)) is not None:
         # The browser posted the file but its "done" request never reached us.
-        if await index.mark_uploaded(redis, upload):
-            await jobs.enqueue_verify(redis, upload.id)
+        if dry_run or await index.mark_uploaded(redis, upload):
+            if not dry_run:
+                await quotas.hold(redis, upload.user_id, upload.id)
+                await jobs.enqueue_verify(redis, upload.id)
             counts.promoted += 1
+            counts.actions.append(f"verify unreported upload {owner}")
         return
     purge_at = upload.form_expires_at + settings.purge_grace_seconds
     if purge_at <= now:
-        await index.delete_upload(redis, upload)
+        if not dry_run:
+            await index.delete_upload(redis, upload)
         counts.purged += 1
-    else:
+        counts.actions.append(f"purge abandoned upload {owner}")
+    elif not dry_run:
         await index.postpone_sweep(redis, upload, purge_at - now)
 
 
 async def _sweep_unfinished(ctx: dict[str, Any], upload: Upload, counts: SweepCounts) -> None:
     """Queue again an uploaded or verifying upload whose job is gone; fail it after MAX_ATTEMPTS."""
     redis, store = ctx["redis"], ctx["store"]
+    dry_run = ctx.get("dry_run", False)
+    owner = f"{upload.id} of user {upload.user_id}"
     job_id = jobs.verify_job_id(upload.id)
     if await redis.exists(job_key_prefix + job_id):
         # Queued, running, or waiting for arq to run it again after a worker died.
-        await index.postpone_sweep(redis, upload)
+        if not dry_run:
+            await index.postpone_sweep(redis, upload)
         return
     if upload.attempts >= MAX_ATTEMPTS:
+        counts.failed += 1
+        counts.actions.append(f"reject upload {owner} after {upload.attempts} attempts")
+        if dry_run:
+            return
         await store.delete(storage.image_keys(upload.user_id, upload.id))
         await index.mark_rejected(redis, upload, REASON_FAILED)
         await quotas.release(redis, upload.user_id, upload.id)
         logger.warning("upload %s: rejected after %d attempts", upload.id, upload.attempts)
-        counts.failed += 1
         return
-    await jobs.enqueue_verify(redis, upload.id)
-    await index.postpone_sweep(redis, upload)
     counts.requeued += 1
+    counts.actions.append(f"queue again upload {owner}")
+    if not dry_run:
+        await jobs.enqueue_verify(redis, upload.id)
+        await index.postpone_sweep(redis, upload)
 
 
 async def _stray_incoming_keys(redis: Any, store: storage.Storage, cutoff: float) -> list[str]:

@@ -87,6 +87,12 @@ async def create_user(redis: NamedDependency[Redis], username: str, password: st
     return user
 
 
+async def find_user_id(redis: Redis, username: str) -> str | None:
+    """Return the id of the user with this username, or None when there is none."""
+    user_id = await redis.get(_username_key(username))
+    return user_id.decode() if user_id else None
+
+
 async def authenticate(redis: NamedDependency[Redis], username: str, password: str) -> User | None:
     """Return the user when the password matches, otherwise None."""
     user_id = await redis.get(_username_key(username)) if username else None

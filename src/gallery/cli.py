@@ -1,10 +1,14 @@
-"""The `gallery` command: serve the web app, run a worker, or run everything for development."""
+"""The `gallery` command: run the web app or a worker, set up the bucket, and administer users."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
 
 import click
 
@@ -25,7 +29,12 @@ def _load_settings() -> Settings:
 
 @click.group()
 def main() -> None:
-    """Run the gallery: a self-hosted, multi-user private image gallery."""
+    """Run the gallery: a self-hosted, multi-user private image gallery.
+
+    Every command reads its settings from GALLERY_* and AWS_* environment variables,
+    listed with their defaults and units in .env.example, and stops with the variable's
+    name when one is invalid.
+    """
     # Until a command has read its settings, lines are text at INFO.
     configure_logging(Settings())
 
@@ -52,7 +61,8 @@ def serve() -> None:
 @click.option(
     "--check",
     is_flag=True,
-    help="Exit with 0 when a worker has reported itself healthy in the last 30 s, else 1.",
+    help="Exit with 0 when a worker has reported itself healthy in the last 30 seconds, "
+    "else with 1.",
 )
 def worker(check: bool) -> None:
     """Run one arq worker: it verifies uploads, makes thumbnails and purges abandoned uploads."""
@@ -102,6 +112,175 @@ def doctor() -> None:
 
 
 @main.command()
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List what would be purged, verified or queued again, and change nothing.",
+)
+@click.option(
+    "--grace-seconds",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Purge uploads whose form expired at least this many seconds ago "
+    "(default: GALLERY_PURGE_GRACE_SECONDS).",
+)
+def purge(dry_run: bool, grace_seconds: int | None) -> None:
+    """Run one sweep now: purge abandoned uploads and stray files, move stuck ones on.
+
+    Workers sweep every GALLERY_SWEEP_INTERVAL_SECONDS; run this by hand to see the
+    backlog (--dry-run) or clear it at once. An upload whose file arrived unreported is
+    verified, one whose verification job went missing is queued again, and one that
+    failed too often is rejected.
+    """
+    from dataclasses import replace
+
+    from worker.sweep import sweep
+
+    settings = _require_services(_load_settings())
+    if grace_seconds is not None:
+        settings = replace(settings, purge_grace_seconds=grace_seconds)
+
+    async def run() -> None:
+        async with _services(settings) as (redis, store):
+            ctx = {"redis": redis, "store": store, "settings": settings, "dry_run": dry_run}
+            counts = await sweep(ctx)
+        for action in counts.actions:
+            click.echo(f"{'would ' if dry_run else ''}{action}")
+        click.echo(
+            f"{'would purge' if dry_run else 'purged'} {counts.purged} abandoned uploads and "
+            f"{counts.stray} stray objects; {counts.promoted + counts.requeued} uploads "
+            f"{'would be' if dry_run else 'were'} queued for verification and "
+            f"{counts.failed} rejected"
+        )
+
+    asyncio.run(run())
+
+
+@main.command("create-user")
+@click.argument("username")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from the first line of standard input instead of a prompt.",
+)
+def create_user(username: str, password_stdin: bool) -> None:
+    """Create an account named USERNAME (3 to 32 letters, digits, dots, dashes, underscores).
+
+    The password must have 10 to 256 characters. Without --password-stdin it is prompted
+    for twice and not echoed.
+    """
+    from gallery import accounts
+
+    settings = _require_services(_load_settings())
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+    async def run() -> accounts.User:
+        async with _redis(settings) as redis:
+            return await accounts.create_user(redis, username, password)
+
+    try:
+        user = asyncio.run(run())
+    except accounts.AccountError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"created user {user.username} with id {user.id}")
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes, written as a number with an optional unit such as 500MB or 10GiB."""
+
+    name = "SIZE"
+    units: ClassVar[dict[str, int]] = {
+        "": 1,
+        "b": 1,
+        "kb": 1000,
+        "mb": 1000**2,
+        "gb": 1000**3,
+        "tb": 1000**4,
+        "kib": 1024,
+        "mib": 1024**2,
+        "gib": 1024**3,
+        "tib": 1024**4,
+    }
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else ""
+        if not match or unit not in self.units:
+            self.fail(
+                f"{value!r} is not a size: expected a number of bytes, optionally with "
+                "KB, MB, GB, TB, KiB, MiB, GiB or TiB, such as 10GiB",
+                param,
+                ctx,
+            )
+        return int(float(match.group(1)) * self.units[unit])
+
+
+@main.command("set-quota")
+@click.argument("username")
+@click.option(
+    "--max-bytes",
+    type=ByteSize(),
+    default=None,
+    help="The most bytes the user's originals and renditions may take together, in bytes "
+    "or with a unit (500MB, 10GiB); 0 means no limit.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="COUNT",
+    help="The most images the user may store, as a count; 0 means no limit.",
+)
+@click.option(
+    "--default",
+    "use_default",
+    is_flag=True,
+    help="Drop the user's own limits, so GALLERY_QUOTA_BYTES and GALLERY_QUOTA_IMAGES apply.",
+)
+def set_quota(
+    username: str, max_bytes: int | None, max_images: int | None, use_default: bool
+) -> None:
+    """Set the quota of USERNAME and print it with the usage.
+
+    A limit that is not given keeps its current value; without options this only prints.
+    Images already stored stay when a new limit is below the usage, and new uploads are
+    refused until the usage is under it.
+    """
+    from gallery import accounts, quotas
+
+    settings = _require_services(_load_settings())
+    if use_default and (max_bytes is not None or max_images is not None):
+        raise click.UsageError("--default cannot be combined with --max-bytes or --max-images")
+
+    async def run() -> str:
+        async with _redis(settings) as redis:
+            user_id = await accounts.find_user_id(redis, username)
+            if user_id is None:
+                raise click.ClickException(f"no user named {username!r}")
+            if use_default:
+                await quotas.set_quota(redis, user_id, max_bytes=None, max_images=None)
+            else:
+                own_bytes, own_images = await quotas.get_own_limits(redis, user_id)
+                await quotas.set_quota(
+                    redis,
+                    user_id,
+                    max_bytes=own_bytes if max_bytes is None else max_bytes,
+                    max_images=own_images if max_images is None else max_images,
+                )
+            quota = await quotas.get_quota(redis, user_id, settings)
+            usage = await quotas.get_usage(redis, user_id)
+            return f"{username}: {quotas.describe(quota, usage)}"
+
+    click.echo(asyncio.run(run()))
+
+
+@main.command()
 def dev() -> None:
     """Run everything on this machine: S3, Redis, the web app and one worker (Ctrl-C stops)."""
     from gallery.dev import run_dev
@@ -113,6 +292,33 @@ def dev() -> None:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         logger.info("stopped")
+
+
+@asynccontextmanager
+async def _redis(settings: Settings) -> AsyncIterator[Any]:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(settings.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def _services(settings: Settings) -> AsyncIterator[tuple[Any, Any]]:
+    """Open a Redis client that can queue jobs, and the S3 storage."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from gallery.storage import Storage
+
+    redis = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+    try:
+        async with Storage.open(settings) as store:
+            yield redis, store
+    finally:
+        await redis.aclose()
 
 
 def _require_services(settings: Settings) -> Settings:

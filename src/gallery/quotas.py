@@ -142,6 +142,16 @@ async def get_quota(redis: Redis, user_id: str, settings: Settings) -> Quota:
     )
 
 
+async def get_own_limits(redis: Redis, user_id: str) -> tuple[int | None, int | None]:
+    """Return the byte and image limits set for this user, None where the default applies."""
+    raw = await redis.hgetall(_limits_key(user_id))
+    max_bytes, max_images = raw.get(b"bytes"), raw.get(b"images")
+    return (
+        None if max_bytes is None else int(max_bytes),
+        None if max_images is None else int(max_images),
+    )
+
+
 async def set_quota(
     redis: Redis, user_id: str, *, max_bytes: int | None, max_images: int | None
 ) -> None:
