@@ -21,6 +21,8 @@ PUBLIC_ROUTES = {
     ("GET", "/signup"),
     ("POST", "/signup"),
     ("POST", "/signout"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
 }
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from arq import create_pool
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import ArqRedis
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as S3ConnectionError
 from litestar import Litestar
 from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import State
@@ -20,8 +22,13 @@ from litestar.static_files import create_static_files_router
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.stores.redis import RedisStore
 from litestar.template.config import TemplateConfig
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import accounts, errors, images
+from gallery import accounts, errors, health, images
 from gallery.logs import request_log_middleware
 from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SessionConfig
@@ -29,6 +36,28 @@ from gallery.settings import Settings
 from gallery.storage import Storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Seconds a request waits for Redis to connect, and to answer one command, before the
+# the page returns 503. The web app starts, and keeps serving errors, while Redis is down.
+REDIS_CONNECT_TIMEOUT = 2
+REDIS_COMMAND_TIMEOUT = 5
+
+
+HEALTH_PATHS = ["^/healthz$", "^/readyz$"]
+
+
+def _redis_options() -> dict[str, Any]:
+    """Return the Redis client options of the web app.
+
+    A command that meets a closed connection, as every pooled one is after Redis restarted,
+    is sent once more on a new connection before the request fails.
+    """
+    return {
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT,
+        "socket_timeout": REDIS_COMMAND_TIMEOUT,
+        "retry": RedisRetry(NoBackoff(), 1),
+        "retry_on_error": [RedisConnectionError],
+    }
 
 
 def provide_store(state: State) -> Storage:
@@ -45,7 +74,7 @@ def create_app(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def open_services(app: Litestar) -> AsyncIterator[None]:
         async with Storage.open(settings) as store:
-            queue = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+            queue = ArqRedis.from_url(settings.redis_url, **_redis_options())
             app.state.store, app.state.queue = store, queue
             try:
                 yield
@@ -55,6 +84,8 @@ def create_app(settings: Settings) -> Litestar:
     return Litestar(
         route_handlers=[
             images.show_home,
+            health.show_alive,
+            health.show_ready,
             accounts.router,
             images.router,
             create_static_files_router(path="/static", directories=[PROJECT_ROOT / "static"]),
@@ -66,12 +97,18 @@ def create_app(settings: Settings) -> Litestar:
         },
         lifespan=[open_services],
         stores={
-            "sessions": RedisStore.with_client(url=settings.redis_url, namespace="gallery:sessions")
+            "sessions": RedisStore(
+                Redis.from_url(settings.redis_url, **_redis_options()),
+                namespace="gallery:sessions",
+                handle_client_shutdown=True,
+            )
         },
         middleware=[
             request_log_middleware,
             security_headers_middleware(security_headers(settings)),
-            SessionConfig(secure=settings.cookies_secure).middleware,
+            # Health checks run without loading a session, so /readyz reports a Redis
+            # outage in its JSON even when the probe sends a session cookie.
+            SessionConfig(secure=settings.cookies_secure, exclude=HEALTH_PATHS).middleware,
         ],
         csrf_config=CSRFConfig(
             secret=settings.secret_key,
@@ -99,5 +136,11 @@ def create_app(settings: Settings) -> Litestar:
             NotFoundException: errors.show_not_found,
             HTTPException: errors.show_error,
             HTTP_500_INTERNAL_SERVER_ERROR: errors.show_error,
+            # Redis or S3 unreachable or failing: 503 with Retry-After, never a traceback.
+            RedisConnectionError: errors.show_unavailable,
+            RedisTimeoutError: errors.show_unavailable,
+            S3ConnectionError: errors.show_unavailable,
+            HTTPClientError: errors.show_unavailable,
+            ClientError: errors.show_unavailable,
         },
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from botocore.exceptions import ClientError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.exceptions.responses import create_exception_response
@@ -14,7 +16,13 @@ from litestar.status_codes import (
     HTTP_401_UNAUTHORIZED,
     HTTP_404_NOT_FOUND,
     HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
 )
+
+logger = logging.getLogger(__name__)
+
+# Seconds in the Retry-After header of a 503 sent while Redis or S3 is unreachable.
+UNAVAILABLE_RETRY_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,10 @@ ERROR_TEXTS = {
     500: ErrorText(
         "Something went wrong on our side.",
         "Try again in a moment, and if it keeps failing, tell whoever runs this gallery.",
+    ),
+    503: ErrorText(
+        "The gallery cannot reach its database or file storage right now.",
+        f"Nothing you saved is lost. Wait {UNAVAILABLE_RETRY_SECONDS} seconds, then reload the page.",
     ),
 }
 
@@ -95,3 +107,39 @@ def show_error(request: Request[Any, Any, Any], error: Exception) -> Response[An
     reason = HTTPStatus(status_code).phrase
     context = {"status_code": status_code, "reason": reason, "text": text}
     return Template("error.html", context=context, status_code=status_code, headers=headers)
+
+
+def show_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """Respond 503 with Retry-After when Redis or S3 is unreachable or failing.
+
+    An S3 error response below 500, such as AccessDenied, is a fault of ours and gets 500.
+    """
+    if isinstance(error, ClientError) and _http_status(error) < 500:
+        return show_error(request, error)
+    logger.warning("%s %s: service unavailable: %r", request.method, request.url.path, error)
+    text = ERROR_TEXTS[HTTP_503_SERVICE_UNAVAILABLE]
+    message = f"{text.problem} {text.next_step}"
+    headers = {"Retry-After": str(UNAVAILABLE_RETRY_SECONDS)}
+    if _expects_json(request):
+        return Response(
+            {"error": message}, status_code=HTTP_503_SERVICE_UNAVAILABLE, headers=headers
+        )
+    if _is_htmx(request):
+        return Response(
+            message,
+            status_code=HTTP_503_SERVICE_UNAVAILABLE,
+            headers=headers,
+            media_type="text/plain",
+        )
+    context = {
+        "status_code": HTTP_503_SERVICE_UNAVAILABLE,
+        "reason": HTTPStatus.SERVICE_UNAVAILABLE.phrase,
+        "text": text,
+    }
+    return Template(
+        "error.html", context=context, status_code=HTTP_503_SERVICE_UNAVAILABLE, headers=headers
+    )
+
+
+def _http_status(error: ClientError) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500))

@@ -236,6 +236,10 @@ class Storage:
                 self.bucket,
             )
 
+    async def check_bucket(self) -> None:
+        """Raise unless the bucket exists and these credentials may use it."""
+        await self._client.head_bucket(Bucket=self.bucket)
+
     async def bucket_cors_rules(self) -> list[dict[str, Any]]:
         response = await self._client.get_bucket_cors(Bucket=self.bucket)
         return response["CORSRules"]

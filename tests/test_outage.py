@@ -1,0 +1,166 @@
+"""Outage drills: Redis restarted under load, S3 unreachable, and the health endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from arq import Retry
+from arq.connections import ArqRedis
+from litestar.testing import AsyncTestClient
+
+from gallery import index
+from gallery.app import create_app
+from gallery.embedded import EmbeddedRedis, free_port
+from gallery.health import WORKER_HEARTBEAT_KEY
+from gallery.index import State
+from gallery.storage import Storage
+from tests.support import HTMX, make_jpeg, post_to_s3
+from worker.jobs import verify_upload
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+WAIT_SECONDS = 90
+
+
+async def _wait_until(check, what: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not await check():
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}: {log_path.read_text()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {WAIT_SECONDS} s, see {log_path}")
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """Hand over a Valkey server of this test alone, which the test may stop and start."""
+    server = EmbeddedRedis(tmp_path / "valkey")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_redis_restart_loses_no_upload(own_redis, settings, store, make_client, tmp_path):
+    # Forms live 3 s and the sweep runs every second, so unreported uploads are found soon.
+    drill = replace(
+        settings, redis_url=own_redis.url, upload_form_seconds=3, sweep_interval_seconds=1
+    )
+    redis = ArqRedis.from_url(own_redis.url)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(  # noqa: ASYNC220  # started once; the test waits on Redis
+            [sys.executable, "-m", "gallery.cli", "worker"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **drill.to_env()},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await _wait_until(
+            lambda: redis.exists(WORKER_HEARTBEAT_KEY), "worker heartbeat", worker, log_path
+        )
+        client = await make_client(app_settings=drill)
+        forms = []
+        for number in range(6):
+            data = make_jpeg(640, 480, (40 * number, 90, 160))
+            form = (
+                await client.request_form(f"drill-{number}.jpg", "image/jpeg", len(data))
+            ).json()
+            assert (await post_to_s3(form, data)).status_code == 201
+            forms.append(form)
+        for form in forms[:3]:
+            assert (await client.complete(form["id"])).status_code == 200
+
+        await asyncio.to_thread(own_redis.stop)
+        page = await client.http.get("/images", headers=BROWSER)
+        fragment = await client.complete(forms[3]["id"])
+        ready = await client.http.get("/readyz")
+        await asyncio.sleep(2)
+        worker_survived_outage = worker.poll() is None
+        await asyncio.to_thread(own_redis.start)
+
+        async def all_ready() -> bool:
+            uploads = [await index.get_upload(redis, form["id"]) for form in forms]
+            return all(upload is not None and upload.state == State.READY for upload in uploads)
+
+        await _wait_until(all_ready, "every upload ready", worker, log_path)
+        page_after = await client.http.get("/images", headers=BROWSER)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        await redis.aclose()
+
+    assert page.status_code == 503
+    assert page.headers["retry-after"] == "30"
+    assert "cannot reach its database or file storage" in page.text
+    assert "Traceback" not in page.text
+    assert fragment.status_code == 503
+    assert fragment.headers["content-type"].startswith("text/plain")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["redis"]["ok"] is False
+    assert worker_survived_outage
+    assert page_after.status_code == 200
+    for form in forms:
+        assert f'id="tile-{form["id"]}"' in page_after.text
+
+
+async def test_s3_down_gives_503_and_keeps_image(client, run_worker, settings, redis):
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+    closed = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+
+    async with AsyncTestClient(create_app(closed)) as offline:
+        offline.cookies = client.http.cookies
+        deleted = await offline.delete(f"/images/{upload_id}", headers={**client.csrf, **HTMX})
+        page = await offline.delete(f"/images/{upload_id}", headers={**client.csrf, **BROWSER})
+        ready = await offline.get("/readyz")
+
+    assert deleted.status_code == 503
+    assert deleted.headers["retry-after"] == "30"
+    assert "Wait 30 seconds" in deleted.text
+    assert page.status_code == 503
+    assert "cannot reach its database or file storage" in page.text
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["s3"]["ok"] is False
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+
+
+async def test_verify_retries_while_s3_is_down(client, settings, redis):
+    upload_id = await client.upload(make_jpeg())
+    closed = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+
+    async with Storage.open(closed) as offline:
+        ctx = {"redis": redis, "store": offline, "settings": closed, "job_try": 1, "pool": None}
+        with pytest.raises(Retry) as retry:
+            await verify_upload(ctx, upload_id)
+
+    assert retry.value.defer_score == 2000
+    assert (await index.get_upload(redis, upload_id)).state == State.VERIFYING
+
+
+async def test_health_endpoints_answer_json(client, redis):
+    alive = await client.http.get("/healthz")
+    await redis.set(WORKER_HEARTBEAT_KEY, "test", px=5000)
+    ready = await client.http.get("/readyz")
+    await redis.delete(WORKER_HEARTBEAT_KEY)
+    no_worker = await client.http.get("/readyz")
+
+    assert alive.status_code == 200
+    assert alive.json() == {"status": "ok"}
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert set(ready.json()["checks"]) == {"redis", "s3", "worker"}
+    assert no_worker.status_code == 503
+    assert no_worker.json()["checks"]["worker"] == {
+        "ok": False,
+        "error": "no worker has reported itself in the last 31 s",
+    }
