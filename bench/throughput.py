@@ -30,10 +30,9 @@ import secrets
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import httpx
 import PIL
@@ -181,22 +180,11 @@ async def warm_up_pool(pool: ProcessPoolExecutor, pool_size: int) -> None:
     )
 
 
-def fixed_size_pool(processes: int) -> type[ProcessPoolExecutor]:
-    """Return a ProcessPoolExecutor class that always starts `processes` processes."""
-
-    class FixedSizePool(ProcessPoolExecutor):
-        def __init__(self, max_workers: int | None = None, **options: Any) -> None:
-            super().__init__(max_workers=processes, **options)
-
-    return FixedSizePool
-
-
 async def run_worker(settings: Settings, processes: int | None) -> "Snapshot":
     """Run the worker in burst mode and return the times from its warm pool to its end.
 
-    `processes` None keeps the pool size that worker/settings.py picks.
+    `processes` None keeps the default pool size, one process per core.
     """
-    # worker/settings.py sizes its pool the same way.
     pool_size = processes or os.cpu_count() or 1
     started: list[Snapshot] = []
 
@@ -206,17 +194,14 @@ async def run_worker(settings: Settings, processes: int | None) -> "Snapshot":
         started.append(Snapshot.take())
 
     overrides = {"burst": True, "poll_delay": 0.05, "handle_signals": False}
-    worker = make_worker(settings, on_startup=start_and_warm_up, **overrides)
-    # NOTE: worker/settings.py has no setting for the pool size, so the class it calls is
-    # replaced here while the worker runs.
-    pool_class = ProcessPoolExecutor if processes is None else fixed_size_pool(processes)
-    with mock.patch.object(worker_settings, "ProcessPoolExecutor", pool_class):
-        try:
-            await worker.main()
-            # The pool processes exit in close(), so their CPU time is read before it.
-            finished = Snapshot.take()
-        finally:
-            await worker.close()
+    pool_settings = replace(settings, worker_processes=processes or 0)
+    worker = make_worker(pool_settings, on_startup=start_and_warm_up, **overrides)
+    try:
+        await worker.main()
+        # The pool processes exit in close(), so their CPU time is read before it.
+        finished = Snapshot.take()
+    finally:
+        await worker.close()
     return finished.minus(started[0])
 
 
@@ -277,6 +262,27 @@ def print_bursts(bursts: list[Burst]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def print_cpu_bound(burst: Burst) -> None:
+    """Print the speed-up over one pool process that the burst's CPU seconds allow.
+
+    With one pool process a burst takes at least the pool's CPU time P. With every core
+    busy it takes at least (P + R) / cores, where R is the CPU time of the worker's own
+    process and the servers, so the speed-up is at most cores * P / (P + R).
+    """
+    times = burst.times
+    pool = times.children_cpu["pool"]
+    rest = times.worker_cpu + sum(
+        seconds for kind, seconds in times.children_cpu.items() if kind != "pool"
+    )
+    cores = os.cpu_count() or 1
+    bound = min(burst.pool_size, cores * pool / (pool + rest))
+    print(
+        f"CPU per image: pool {1000 * pool / burst.image_count:.1f} ms, worker process and"
+        f" servers {1000 * rest / burst.image_count:.1f} ms; speed-up bound on {cores} cores:"
+        f" {bound:.2f}x"
+    )
+
+
 def describe_machine() -> str:
     cpu_model = next(
         (
@@ -329,6 +335,7 @@ async def run_benchmark(corpus: Path, count: int) -> None:
     single, default = bursts
     ratio = default.images_per_second / single.images_per_second
     print(f"\n{default.pool_size} pool processes vs 1: {ratio:.2f}x")
+    print_cpu_bound(default)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

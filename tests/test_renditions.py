@@ -32,7 +32,7 @@ async def _image_size(store, key: str) -> tuple[int, int]:
 
 
 async def test_worker_stores_three_renditions(client, run_worker, store, redis):
-    upload_id = await client.upload(make_jpeg(3000, 2000), "wide.jpg")
+    upload_id = await client.upload(make_jpeg(3600, 2400), "wide.jpg")
 
     await run_worker()
 

@@ -1,6 +1,7 @@
 """WebP renditions of a verified upload: display image, thumbnails and placeholder."""
 
 import base64
+import math
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -56,6 +57,15 @@ _WEBP_METHOD = 2
 # (same versions and machine).
 _DISPLAY_WEBP_METHOD = 1
 
+# The display image may be this fraction of display_size when a JPEG draft reaches that. A
+# 6000x4000 photo then decodes at 1/4 scale to 1500x1000 and needs no resize, instead of a
+# 1/2-scale decode to 3000x2000 and a Lanczos resize to 1600x1067. On a generated 24 MP JPEG
+# this lowered a process's peak RSS from 79 to 53 MiB and the CPU time of make_renditions
+# from 251 to 134 ms (Pillow 13, libjpeg-turbo 3.2, one core of a 2-core VM). Against a
+# Lanczos resize of the full decode, a 1/4-scale decode of two phone photos scored 39 and
+# 49 dB PSNR, where 1/2 scale and Lanczos scored 51 and 53 dB.
+_DISPLAY_DRAFT_FRACTION = 0.9
+
 # A resize first shrinks by a whole factor with a box filter while the image stays at least
 # this many times the target, then finishes with Lanczos. Pillow's own thumbnail() uses 2.0.
 _REDUCING_GAP = 3.0
@@ -78,7 +88,8 @@ class Renditions:
     thumbnail: bytes
     # Longer side at most twice thumbnail_size, for the grid on high-density screens.
     thumbnail_2x: bytes
-    # Longer side at most display_size, for the viewer.
+    # Longer side at most display_size, for the viewer. It may be 90% of display_size when
+    # a JPEG decoded at reduced scale reaches that, as a 6000x4000 photo does at 1500x1000.
     display: bytes
     # A "data:image/webp;base64," URI of a WebP with a longer side of at most
     # PLACEHOLDER_SIZE, for the grid to show until the thumbnail arrives.
@@ -121,7 +132,8 @@ def make_renditions(
     images above Image.MAX_IMAGE_PIXELS are rejected even when `max_pixels` is higher.
 
     The image is decoded once, a JPEG at 1/2, 1/4 or 1/8 scale when its longer side stays at
-    least `display_size`, and each smaller rendition is resized from the next larger one.
+    least 90% of `display_size`, and each smaller rendition is resized from the next larger
+    one.
     The function takes and returns plain data and reads no files, so it can run in a
     ProcessPoolExecutor. Two calls must not run at once in threads of one process, because
     each changes the process-wide warning filters while it runs.
@@ -135,6 +147,7 @@ def make_renditions(
         display_size,
         max_pixels=max_pixels,
         max_animation_pixels=max_animation_pixels,
+        draft_box=max(2 * thumbnail_size, math.ceil(display_size * _DISPLAY_DRAFT_FRACTION)),
     )
     display = decoded.image
     upright_size = decoded.width, decoded.height
@@ -171,12 +184,13 @@ def decode_to_fit(
     *,
     max_pixels: int,
     max_animation_pixels: int = DEFAULT_MAX_ANIMATION_PIXELS,
+    draft_box: int | None = None,
 ) -> FittedImage:
     """Verify `data` as make_renditions does, then decode it to fit a square of `box` pixels.
 
     Raises ImageRejected when `data` is not an intact image of `claimed_type` within the
     limits. A JPEG is decoded at 1/2, 1/4 or 1/8 scale when its longer side stays at least
-    `box`.
+    `draft_box`, by default `box`, and a draft smaller than `box` keeps its size.
     """
     with pillow_warnings_as_rejections():
         image = open_allowed_image(data)
@@ -184,12 +198,14 @@ def decode_to_fit(
         check_pixel_count(image, max_pixels)
         frame_count = check_animation_pixels(image, data, max_animation_pixels)
         stored_size = image.size
-        decode_first_frame(image, data, box)
+        decode_first_frame(image, data, draft_box or box)
         orientation = read_orientation(image)
 
+    # A draft for a `draft_box` smaller than `box` may already fit, and is never enlarged.
+    size = image.size if max(image.size) <= box else fit_size(stored_size, box)
     # The resize comes before the colour conversion and the transpose, so they run on fewer
     # pixels, and rebinding `image` frees the decoded frame.
-    image = _resize_to_fit(convert_to_resizable_mode(image), fit_size(stored_size, box))
+    image = _resize_to_fit(convert_to_resizable_mode(image), size)
     upright = _transpose_upright(convert_to_srgb(image), orientation)
     width, height = _upright_size(stored_size, orientation)
     return FittedImage(content_type, width, height, frame_count, upright)
