@@ -206,11 +206,11 @@ async def _store_image(
 ) -> int:
     """Write the original and its renditions; return the bytes written, for the quota."""
     # The metadata lets `gallery reindex` rebuild the record from the bucket alone. S3
-    # metadata is ASCII, so the name is percent-encoded.
+    # metadata is ASCII, so the name is percent-encoded; repr keeps the exact float time.
     metadata = {
         "owner": upload.user_id,
         "filename": quote(upload.filename, safe=""),
-        "created-at": f"{upload.created_at:.3f}",
+        "created-at": repr(upload.created_at),
         "width": str(processed.width),
         "height": str(processed.height),
         "placeholder": processed.placeholder,

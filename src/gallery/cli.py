@@ -157,6 +157,32 @@ def purge(dry_run: bool, grace_seconds: int | None) -> None:
     asyncio.run(run())
 
 
+@main.command()
+def reindex() -> None:
+    """Rebuild the Redis index from the bucket after Redis lost its data.
+
+    Every original in the bucket without a record gets one again, with its file name,
+    dates and dimensions from the object's metadata, in its owner's grid and quota. One
+    whose renditions are incomplete is queued for a worker to finish. Existing records
+    are left alone, so it is safe to run more than once. Accounts are not in the bucket:
+    they come back only from Redis's own persistence.
+    """
+    from gallery.reindex import rebuild_index
+
+    settings = _require_services(_load_settings())
+
+    async def run() -> None:
+        async with _services(settings) as (redis, store):
+            counts = await rebuild_index(redis, store)
+        click.echo(
+            f"restored {counts.restored} images of {counts.users} users "
+            f"({counts.queued} queued for a worker to finish); {counts.already_indexed} "
+            f"were already indexed and {counts.skipped} skipped"
+        )
+
+    asyncio.run(run())
+
+
 @main.command("create-user")
 @click.argument("username")
 @click.option(

@@ -135,6 +135,20 @@ return redis.call('HGET', KEYS[1], 'state')
 """
 
 
+# Restores a lost record unless one exists; an unfinished one also goes back in the pending
+# sets, so the sweep finds it.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+if ARGV[2] ~= 'ready' then
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[4], '+inf', ARGV[1])
+end
+return 1
+"""
+
+
 def new_upload_id() -> str:
     """Make an id that sorts by creation time: 12 hex digits of milliseconds, 16 random."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
@@ -196,6 +210,19 @@ async def create_upload(
     if not await redis.eval(_CREATE, len(keys), *keys, *args):
         raise TooManyPendingUploads(user_id)
     return upload
+
+
+async def restore_upload(redis: Redis, upload: Upload) -> bool:
+    """Write a record rebuilt from the bucket; False when the index already has one."""
+    flat = [item for pair in _encode(upload).items() for item in pair]
+    keys = (
+        _record_key(upload.id),
+        _grid_key(upload.user_id),
+        PENDING_KEY,
+        _user_pending_key(upload.user_id),
+    )
+    args = (upload.id, upload.state, upload.updated_at, *flat)
+    return bool(await redis.eval(_RESTORE, len(keys), *keys, *args))
 
 
 async def get_upload(redis: Redis, upload_id: str) -> Upload | None:

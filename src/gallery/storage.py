@@ -63,6 +63,14 @@ def incoming_key(user_id: str, upload_id: str) -> str:
     return f"{INCOMING_LIFECYCLE_PREFIX}{user_id}/{upload_id}"
 
 
+# Every stored image lives under this prefix, in one folder per user.
+IMAGES_PREFIX = "u/"
+
+
+def user_folder(user_id: str) -> str:
+    return f"{IMAGES_PREFIX}{user_id}/"
+
+
 def original_key(user_id: str, image_id: str) -> str:
     return f"u/{user_id}/o/{image_id}"
 
@@ -385,6 +393,20 @@ class Storage:
         """Yield every key under a prefix; for maintenance, never to render a page."""
         async for key, _ in self.list_objects(prefix):
             yield key
+
+    async def list_folders(self, prefix: str) -> AsyncIterator[str]:
+        """Yield the next level of folders under a prefix, such as `u/<user id>/` under `u/`."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            for item in page.get("CommonPrefixes", []):
+                yield item["Prefix"]
+
+    async def list_sizes(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        """Yield each key under a prefix with its size in bytes."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"], item["Size"]
 
     async def list_objects(self, prefix: str) -> AsyncIterator[tuple[str, float]]:
         """Yield each key under a prefix with its last-modified time as a Unix timestamp."""
