@@ -56,6 +56,15 @@ def test_redactor_hides_presigned_url_and_secrets():
     assert "<presigned URL>" in line
 
 
+def test_redactor_hides_share_token():
+    token = "Xy3_-" * 8 + "abc"
+
+    line = Redactor()(f"request 1 GET /s/{token}/0190abcd/original 302 in 1.0 ms")
+
+    assert token not in line
+    assert "/s/<token>/0190abcd/original" in line
+
+
 def test_json_formatter_writes_extras():
     record = logging.makeLogRecord(
         {"name": "gallery.jobs", "msg": "job %s done", "args": ("j1",), "levelname": "INFO"}

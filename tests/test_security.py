@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 
+from gallery.accounts import require_user
 from gallery.app import create_app
 from gallery.settings import Settings
 from tests.support import HTMX
@@ -23,7 +24,12 @@ PUBLIC_ROUTES = {
     ("POST", "/signout"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    # Shared pages open with a link's token alone; an unknown token answers 404.
+    ("GET", "/s/0123abcd"),
+    ("GET", "/s/0123abcd/0123abcd"),
+    ("GET", "/s/0123abcd/0123abcd/original"),
 }
+SHARED_ROUTES = [route for route in PUBLIC_ROUTES if route[1].startswith("/s/")]
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
@@ -40,7 +46,24 @@ def _all_routes(app: Litestar) -> list[tuple[str, str]]:
     return sorted(routes)
 
 
-ROUTES = _all_routes(create_app(Settings(secret_key="x" * 32, redis_url="redis://127.0.0.1:1")))
+def _unguarded_routes(app: Litestar) -> set[tuple[str, str]]:
+    """Return (method, path) for every route whose handler has no sign-in guard."""
+    routes = set()
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute) or route.path.startswith("/static"):
+            continue
+        path = re.sub(r"\{[^}]+\}", "0123abcd", route.path)
+        for handler in route.route_handlers:
+            # Litestar wraps each guard, keeping the function as `func`.
+            guards = [guard.func for guard in handler.resolve_guards()]
+            if require_user not in guards:
+                methods = handler.http_methods - {"HEAD", "OPTIONS"}
+                routes.update((method, path) for method in methods)
+    return routes
+
+
+APP = create_app(Settings(secret_key="x" * 32, redis_url="redis://127.0.0.1:1"))
+ROUTES = _all_routes(APP)
 PROTECTED_ROUTES = [route for route in ROUTES if route not in PUBLIC_ROUTES]
 UNSAFE_ROUTES = [route for route in ROUTES if route[0] in UNSAFE_METHODS]
 
@@ -48,7 +71,20 @@ UNSAFE_ROUTES = [route for route in ROUTES if route[0] in UNSAFE_METHODS]
 def test_route_lists_are_not_empty():
     assert len(PROTECTED_ROUTES) >= 6
     assert ("DELETE", "/images/0123abcd") in PROTECTED_ROUTES
+    assert ("POST", "/shares/0123abcd/revoke") in PROTECTED_ROUTES
     assert ("POST", "/uploads") in UNSAFE_ROUTES
+    assert len(SHARED_ROUTES) == 3
+
+
+def test_only_listed_routes_lack_the_signin_guard():
+    assert _unguarded_routes(APP) == PUBLIC_ROUTES
+
+
+def test_shared_routes_are_marked_public():
+    for route in APP.routes:
+        if isinstance(route, HTTPRoute) and route.path.startswith("/s/"):
+            for handler in route.route_handlers:
+                assert handler.opt.get("public") is True, route.path
 
 
 @pytest.fixture
@@ -73,6 +109,18 @@ async def test_protected_route_refuses_anonymous(anonymous, method, path):
     assert fragment.headers["hx-redirect"] == "/signin"
 
 
+@pytest.mark.parametrize(("method", "path"), SHARED_ROUTES)
+async def test_shared_route_with_unknown_token_returns_404(anonymous, method, path):
+    page = await anonymous.request(method, path, follow_redirects=False)
+    fragment = await anonymous.request(method, path, headers=HTMX, follow_redirects=False)
+
+    assert page.status_code == 404
+    assert "This link does not exist, has expired or was revoked." in page.text
+    assert fragment.status_code == 404
+    assert "location" not in page.headers
+    assert "hx-redirect" not in fragment.headers
+
+
 @pytest.mark.parametrize(("method", "path"), UNSAFE_ROUTES)
 async def test_unsafe_route_refuses_missing_csrf_token(client, method, path):
     response = await client.http.request(method, path, headers=HTMX, follow_redirects=False)
@@ -90,7 +138,15 @@ async def test_unsafe_route_refuses_wrong_csrf_token(client, method, path):
 
 
 @pytest.mark.parametrize(
-    "path", ["/signin", "/signup", "/images", "/images/0123abcd/tile", "/static/gallery.css"]
+    "path",
+    [
+        "/signin",
+        "/signup",
+        "/images",
+        "/images/0123abcd/tile",
+        "/s/0123abcd",
+        "/static/gallery.css",
+    ],
 )
 async def test_security_headers_on_every_response(client, settings, path):
     response = await client.http.get(path, headers=HTMX if "tile" in path else {})
@@ -106,7 +162,7 @@ async def test_security_headers_on_every_response(client, settings, path):
     assert f"img-src 'self' {settings.s3_endpoint_url} data:;" in policy
 
 
-@pytest.mark.parametrize("path", ["/images", "/images/0123abcd/tile", "/signin"])
+@pytest.mark.parametrize("path", ["/images", "/images/0123abcd/tile", "/signin", "/s/0123abcd"])
 async def test_pages_are_not_stored_by_browsers(client, path):
     response = await client.http.get(path, headers=HTMX if "tile" in path else {})
 

@@ -20,6 +20,7 @@ from gallery.logs import log_job
 from gallery.settings import Settings
 from gallery.storage import Storage
 from worker.jobs import MAX_TRIES, make_pool, verify_upload
+from worker.share_purge import purge_shares
 from worker.sweep import sweep_uploads
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,10 @@ def make_worker(settings: Settings, **overrides: Any) -> Worker:
     options: dict[str, Any] = {
         "redis_settings": redis_settings(settings, command_retries=REDIS_COMMAND_RETRIES),
         "ctx": {"settings": settings},
-        "cron_jobs": [cron(log_job(sweep_uploads), second=seconds)],
+        "cron_jobs": [
+            cron(log_job(sweep_uploads), second=seconds),
+            cron(log_job(purge_shares), second=30),
+        ],
         **overrides,
     }
     return ReconnectingWorker(**{**get_kwargs(WorkerSettings), **options})

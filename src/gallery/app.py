@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import accounts, errors, health, images
+from gallery import accounts, errors, health, images, share_pages
 from gallery.logs import request_log_middleware
 from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SessionConfig
@@ -88,6 +88,8 @@ def create_app(settings: Settings) -> Litestar:
             health.show_ready,
             accounts.router,
             images.router,
+            share_pages.owner_router,
+            share_pages.public_router,
             create_static_files_router(path="/static", directories=[PROJECT_ROOT / "static"]),
         ],
         dependencies={

@@ -22,7 +22,7 @@ from litestar.status_codes import (
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
-from gallery import index, jobs, limits, quotas, storage
+from gallery import index, jobs, limits, quotas, shares, storage
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -299,6 +299,7 @@ async def delete_image(
     await store.delete(storage.image_keys(user_id, upload.id))
     await index.delete_upload(redis, upload)
     await quotas.release(redis, user_id, upload.id)
+    await shares.remove_image(redis, upload.id)
     logger.info("deleted image %s of user %s", upload.id, user_id)
     return Response("", media_type="text/html")
 

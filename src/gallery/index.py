@@ -229,6 +229,15 @@ async def get_upload(redis: Redis, upload_id: str) -> Upload | None:
     return _decode(await redis.hgetall(_record_key(upload_id)))
 
 
+async def get_uploads(redis: Redis, upload_ids: list[str]) -> list[Upload]:
+    """Return the records of these uploads in the same order, leaving out missing ones."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for upload_id in upload_ids:
+            pipe.hgetall(_record_key(upload_id))
+        records = await pipe.execute()
+    return [upload for raw in records if (upload := _decode(raw)) is not None]
+
+
 async def get_owned_upload(redis: Redis, user_id: str, upload_id: str) -> Upload | None:
     """Return the upload when it belongs to this user, otherwise None."""
     upload = await get_upload(redis, upload_id)
@@ -355,11 +364,7 @@ async def list_grid(
         _grid_key(user_id), start, "-", desc=True, bylex=True, offset=0, num=limit + 1
     )
     page_ids = [raw.decode() for raw in ids[:limit]]
-    async with redis.pipeline(transaction=False) as pipe:
-        for upload_id in page_ids:
-            pipe.hgetall(_record_key(upload_id))
-        records = await pipe.execute()
-    uploads = [upload for raw in records if (upload := _decode(raw)) is not None]
+    uploads = await get_uploads(redis, page_ids)
     next_cursor = page_ids[-1] if len(ids) > limit else None
     return uploads, next_cursor
 

@@ -1,8 +1,8 @@
 """One logging setup for the web app and the worker: a line per request and per job.
 
 Lines are text or, with GALLERY_LOG_FORMAT=json, one JSON object each. Every line passes
-through `redact` first, so presigned URLs, request signatures and the configured secrets
-never reach the output, even inside an exception's traceback.
+through `redact` first, so presigned URLs, request signatures, share link tokens and the
+configured secrets never reach the output, even inside an exception's traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ _SIGNATURE_FIELD = re.compile(
     r"[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9+/=_%.-]{16,}",
     re.IGNORECASE,
 )
+# The token in the path of a shared page, /s/<token>, which opens the page for anyone.
+_SHARE_TOKEN = re.compile(r"(/s/)[A-Za-z0-9_-]{16,}")
 # The password in a Redis URL, such as redis://:password@host:6379/0.
 _URL_PASSWORD = re.compile(r"(rediss?://[^:/@\s]*:)[^@\s]+@")
 
@@ -61,6 +63,7 @@ class Redactor:
         text = _PRESIGNED_URL.sub("<presigned URL>", text)
         text = _SIGNATURE_FIELD.sub(r"\1<redacted>", text)
         text = _URL_PASSWORD.sub(r"\1<redacted>@", text)
+        text = _SHARE_TOKEN.sub(r"\1<token>", text)
         for value in self.secret_values:
             text = text.replace(value, "<secret>")
         return text

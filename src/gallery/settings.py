@@ -83,6 +83,16 @@ class Settings:
     # Failed sign-ins allowed in 15 minutes for one username, and from one address.
     signin_failures_per_account: int = 10
     signin_failures_per_address: int = 50
+    # Share links a user may have active at once (neither expired nor revoked).
+    max_active_shares: int = 50
+    # Views of shared pages allowed per minute from one address, whichever link they open.
+    share_views_per_minute: int = 120
+
+    # Share links
+    # How long each image URL on a shared page stays valid after the page view that signed
+    # it, in seconds. Revoking a link, its expiry or deleting an image stops access to the
+    # images after at most this long.
+    share_url_expiry_seconds: int = 300
 
     # Quotas: the default limits of each user, counting originals and every rendition;
     # 0 means no limit. `gallery set-quota` sets other limits for one user.
@@ -136,6 +146,11 @@ class Settings:
                 "it must be at least 1 and less than GALLERY_URL_EXPIRY_SECONDS="
                 f"{self.url_expiry_seconds}, so every URL is still valid when it is handed out"
             )
+        if not 1 <= self.share_url_expiry_seconds <= MAX_PRESIGNED_URL_SECONDS:
+            raise SettingsError(
+                f"GALLERY_SHARE_URL_EXPIRY_SECONDS={self.share_url_expiry_seconds} is out of "
+                f"range: shared image URLs live from 1 to {MAX_PRESIGNED_URL_SECONDS} seconds"
+            )
         if not 1 <= self.upload_form_seconds <= MAX_UPLOAD_FORM_SECONDS:
             raise SettingsError(
                 f"GALLERY_UPLOAD_FORM_SECONDS={self.upload_form_seconds} is out of range: "
@@ -153,6 +168,8 @@ class Settings:
             "upload_forms_per_minute",
             "signin_failures_per_account",
             "signin_failures_per_address",
+            "max_active_shares",
+            "share_views_per_minute",
         )
         self._check_choices()
         for name in ("quota_bytes", "quota_images", "purge_grace_seconds"):
