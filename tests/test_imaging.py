@@ -1406,6 +1406,18 @@ def test_metadata_stays_out_of_every_rendition(image_format: str, claimed_type: 
     assert METADATA_CHUNKS.isdisjoint(webp_chunk_ids(placeholder))
 
 
+def test_gallery_command_module_leaves_out_litestar_and_arq():
+    # A spawned decoding process runs the `gallery` script again, which imports gallery.cli,
+    # so whatever that module imports adds to the memory of every such process.
+    check = "import sys, gallery.cli; print(sorted({'litestar', 'arq'} & set(sys.modules)))"
+
+    child = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    )
+
+    assert child.stdout.strip() == "[]"
+
+
 # The child process imports only the imaging package, as a decoding process needs, and
 # reports its whole peak resident set size (VmHWM) before and after one call. Linux reports
 # the parent's peak as ru_maxrss of a child started with fork and exec, so that would not do.

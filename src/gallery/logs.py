@@ -16,13 +16,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from arq import Retry
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
-
 from gallery.settings import Settings
+
+# Litestar is imported for type checking only, so that the worker's decoding processes,
+# which import this module through the `gallery` command, do not load it.
+if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 request_logger = logging.getLogger("gallery.requests")
 job_logger = logging.getLogger("gallery.jobs")
@@ -201,6 +203,9 @@ Job = Callable[..., Awaitable[Any]]
 
 def log_job(function: Job) -> Job:
     """Wrap an arq job so that each run logs one line with its id, try and duration."""
+    # Imported here because each decoding process of the worker imports this module through
+    # the `gallery` command, and arq with redis-py adds about 24 MiB to such a process.
+    from arq import Retry
 
     @functools.wraps(function)
     async def run(ctx: dict[str, Any], *args: Any) -> Any:
