@@ -43,12 +43,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
     """Hand over a SeaweedFS S3 server with a generated key pair, running for the session.
 
     Its `endpoint_url`, `access_key` and `secret_key` configure a client, and `client()`
-    makes one.
+    makes one. `object_only_keys` have rights on objects only, as least privilege asks.
     """
     server = EmbeddedS3(
         tmp_path_factory.mktemp("s3"),
         access_key=secrets.token_hex(10).upper(),
         secret_key=secrets.token_urlsafe(30),
+        object_only_keys=(secrets.token_hex(10).upper(), secrets.token_urlsafe(30)),
     )
     with server:
         yield server

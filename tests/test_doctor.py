@@ -33,6 +33,9 @@ SEAWEEDFS_WARNINGS = {
     "post-extra-cache-control-rejected": (
         "SeaweedFS 4.48 stores the object with 201 when Cache-Control is sent outside the policy"
     ),
+    "credentials-least-privilege": (
+        "the test's main key pair is a SeaweedFS admin, so it may read the bucket's ACL"
+    ),
 }
 
 # The checks that fail on moto 5.2.5, which rejects only the unsigned GET among these
@@ -88,6 +91,9 @@ def names_with(status: str, output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def moto_settings(settings: Settings) -> Iterator[Settings]:
     """Hand over settings for a new bucket on a moto server bound to 127.0.0.1."""
+    # The server runs in this process, so its request lines would mix into the output of
+    # the commands under test, which logs to the same stderr.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
     server.start()
     host, port = server.get_host_and_port()
@@ -288,3 +294,27 @@ def test_rule_selects_upload_keys(settings: Settings, rule_filter, tags, selects
     rule = {"ID": "rule", "Filter": rule_filter, "Status": "Enabled", "Expiration": {"Days": 1}}
 
     assert doctor._rule_selects(rule, "incoming/user/upload", tags, settings) is selects
+
+
+async def test_least_privilege_warns_for_admin_credentials(seaweedfs_doctor):
+    _, result = seaweedfs_doctor
+
+    line = next(x for x in result.output.splitlines() if "credentials-least-privilege" in x)
+
+    assert line.startswith("WARN credentials-least-privilege: ")
+    assert "s3:GetBucketAcl" in line
+
+
+async def test_least_privilege_passes_for_object_only_credentials(seaweedfs_doctor, s3_server):
+    bucket_settings, _ = seaweedfs_doctor
+    access_key, secret_key = s3_server.object_only_keys
+    limited = replace(
+        bucket_settings, aws_access_key_id=access_key, aws_secret_access_key=secret_key
+    )
+
+    async with Storage.open(limited) as store:
+        may_read_acl = await store.may_read_bucket_acl()
+        listed = [key async for key in store.list_keys("")]
+
+    assert may_read_acl is False
+    assert listed == []

@@ -439,6 +439,22 @@ def _describe_filter(rule: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+async def check_least_privilege(probe: Probe) -> None:
+    """Warn when the credentials have rights on the bucket's settings, beyond its objects.
+
+    The app needs object rights, listing and the bucket's location. Credentials that may
+    read the bucket's ACL were given bucket rights as well (s3:* or s3:Get*, or a SeaweedFS
+    admin), which usually include changing its policy or deleting it.
+    """
+    if await probe.store.may_read_bucket_acl():
+        raise CheckFailed(
+            "these credentials may read the bucket's ACL (s3:GetBucketAcl), so they likely "
+            "may also change its policy or delete it, which the app does not need; give the "
+            "app the least-privilege policy in docs/deploy.md and run init-bucket with "
+            "other credentials"
+        )
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("anonymous-get-rejected", check_anonymous_get),
     ("anonymous-put-rejected", check_anonymous_put),
@@ -455,9 +471,11 @@ CHECKS: list[tuple[str, Check]] = [
     ("cors-allows-app-origin", check_cors),
     ("lifecycle-expires-incoming", check_lifecycle_expires_incoming),
     ("lifecycle-aborts-multipart", check_lifecycle_aborts_multipart),
+    ("credentials-least-privilege", check_least_privilege),
 ]
 
 # A standard header field outside the policy, such as Cache-Control, lands only on the
 # incoming object: the worker writes the original again with its verified type alone, so
 # such a header never reaches a viewer. SeaweedFS 4.48 accepts it, where AWS S3 rejects it.
-ADVISORY_CHECKS = {"post-extra-cache-control-rejected"}
+# Credentials with more rights than needed are a risk, not a hole, so that check warns.
+ADVISORY_CHECKS = {"post-extra-cache-control-rejected", "credentials-least-privilege"}

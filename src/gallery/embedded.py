@@ -250,10 +250,14 @@ class EmbeddedS3(_ServerProcess):
         port: int | None = None,
         buckets: Sequence[str] = (),
         allowed_origins: Sequence[str] = ("*",),
+        object_only_keys: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(root, root / "logs" / "weed-mini.log")
         self.access_key = access_key
         self.secret_key = secret_key
+        # A second key pair with object rights only (read, write, list, tags) and no rights
+        # on bucket settings, as the app's credentials have in production.
+        self.object_only_keys = object_only_keys
         self.buckets = tuple(buckets)
         self.allowed_origins = tuple(allowed_origins)
         # NOTE: another program can bind one of these ports before start(), and then weed
@@ -327,17 +331,25 @@ class EmbeddedS3(_ServerProcess):
 
     def _identities(self) -> dict[str, object]:
         # Without an identity SeaweedFS accepts anonymous requests and rejects signed POST
-        # uploads, so the config contains exactly one identity.
+        # uploads, so the config always contains one.
         credentials = {"accessKey": self.access_key, "secretKey": self.secret_key}
-        return {
-            "identities": [
+        identities = [
+            {
+                "name": "gallery",
+                "credentials": [credentials],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+        if self.object_only_keys:
+            access_key, secret_key = self.object_only_keys
+            identities.append(
                 {
-                    "name": "gallery",
-                    "credentials": [credentials],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "name": "gallery-objects",
+                    "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                    "actions": ["Read", "Write", "List", "Tagging"],
                 }
-            ]
-        }
+            )
+        return {"identities": identities}
 
     def _remove_leftovers(self) -> None:
         # weed mini 4.48 leaves some of its Unix sockets, /tmp/seaweedfs-<service>-<port>.sock,

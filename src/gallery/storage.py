@@ -248,6 +248,22 @@ class Storage:
         """Raise unless the bucket exists and these credentials may use it."""
         await self._client.head_bucket(Bucket=self.bucket)
 
+    async def may_read_bucket_acl(self) -> bool | None:
+        """Return whether these credentials may read the bucket's ACL; None when S3 does not say.
+
+        A read changes nothing, so `gallery doctor` can ask on any S3 service. Probing a
+        write such as PutBucketPolicy with an invalid document is not safe: moto 5.2.5
+        stores whatever it is sent.
+        """
+        try:
+            await self._client.get_bucket_acl(Bucket=self.bucket)
+        except ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if _error_code(error) in ("AccessDenied", "Forbidden") or status in (401, 403):
+                return False
+            return None
+        return True
+
     async def bucket_cors_rules(self) -> list[dict[str, Any]]:
         response = await self._client.get_bucket_cors(Bucket=self.bucket)
         return response["CORSRules"]
