@@ -21,6 +21,7 @@ from gallery import index, limits, shares, storage
 from gallery.app import create_app
 from gallery.logs import configure_logging
 from gallery.settings import Settings
+from gallery.share_pages import format_duration
 from tests.support import HTMX, UserClient, make_jpeg
 from worker.share_purge import purge_shares
 
@@ -512,6 +513,7 @@ async def test_new_share_form_lists_selected_images(client, run_worker):
 
     assert response.status_code == 200
     assert "Share 2 photos" in response.text
+    assert f'<span class="who">{client.username}</span>' in response.text
     assert '<option value="604800" selected>7 days</option>' in response.text
     for image_id in image_ids:
         assert f'name="image_id" value="{image_id}"' in response.text
@@ -629,3 +631,18 @@ async def test_request_log_hides_share_token(client, visitor, run_worker, settin
     assert token not in buffer.getvalue()
     assert "GET /s/<token> 200" in buffer.getvalue()
     assert f"GET /s/<token>/{image_ids[0]} 200" in buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (3 * shares.DAY - 5, "3 days"),
+        (shares.DAY, "1 day"),
+        (shares.DAY - 1, "24 hours"),
+        (90 * 60, "2 hours"),
+        (59 * 60 + 20, "59 minutes"),
+        (30, "less than a minute"),
+    ],
+)
+def test_duration_rounds_to_largest_unit(seconds, text):
+    assert format_duration(seconds) == text

@@ -73,10 +73,10 @@ def format_time(timestamp: float) -> str:
 
 
 def format_duration(seconds: float) -> str:
-    """Say roughly how long `seconds` is: in days, hours or minutes."""
+    """Say roughly how long `seconds` is, rounded to the largest unit that fits."""
     for unit_seconds, unit in ((shares.DAY, "day"), (shares.HOUR, "hour"), (60, "minute")):
-        count = int(seconds // unit_seconds)
-        if count >= 1:
+        if seconds >= unit_seconds:
+            count = round(seconds / unit_seconds)
             return f"{count} {unit}{'' if count == 1 else 's'}"
     return "less than a minute"
 
@@ -112,9 +112,14 @@ def _selection_problem(image_ids: list[str]) -> str | None:
 
 
 def _new_share_page(
-    tiles: list[Tile], error: str | None, status_code: int, **values: Any
+    request: Request[Any, Any, Any],
+    tiles: list[Tile],
+    error: str | None,
+    status_code: int,
+    **values: Any,
 ) -> Template:
     context = {
+        "user": current_user(request),
         "tiles": tiles,
         "error": error,
         "expiry_choices": EXPIRY_CHOICES,
@@ -136,9 +141,9 @@ async def show_new_share(
     image_ids = request.query_params.getall("image_id", [])
     problem = _selection_problem(image_ids)
     if problem:
-        return _new_share_page([], problem, HTTP_400_BAD_REQUEST)
+        return _new_share_page(request, [], problem, HTTP_400_BAD_REQUEST)
     uploads = await _selected_uploads(redis, _user_id(request), image_ids)
-    return _new_share_page(await make_tiles(uploads, store), None, 200)
+    return _new_share_page(request, await make_tiles(uploads, store), None, 200)
 
 
 @post("/shares", name="shares:create", status_code=HTTP_201_CREATED)
@@ -155,7 +160,7 @@ async def create_share(
     image_ids = form.getall("image_id", [])
     problem = _selection_problem(image_ids)
     if problem:
-        return _new_share_page([], problem, HTTP_400_BAD_REQUEST)
+        return _new_share_page(request, [], problem, HTTP_400_BAD_REQUEST)
     uploads = await _selected_uploads(redis, user.id, image_ids)
     title = _clean_title(form.get("title", ""))
     expires_in = _parse_seconds(form.get("expires_in", ""))
@@ -169,7 +174,7 @@ async def create_share(
     problem = _link_problem(title, expires_in)
     if problem:
         tiles = await make_tiles(uploads, store)
-        return _new_share_page(tiles, problem, HTTP_400_BAD_REQUEST, **values)
+        return _new_share_page(request, tiles, problem, HTTP_400_BAD_REQUEST, **values)
     try:
         share, token = await shares.create_share(
             redis,
@@ -188,10 +193,15 @@ async def create_share(
             "Revoke one on the Shared links page, then try again."
         )
         tiles = await make_tiles(uploads, store)
-        return _new_share_page(tiles, problem, HTTP_409_CONFLICT, **values)
+        return _new_share_page(request, tiles, problem, HTTP_409_CONFLICT, **values)
     logger.info("user %s shared %d images as share %s", user.id, len(uploads), share.id)
     link = settings.app_url + request.app.route_reverse("shared:page", token=token)
-    context = {"share": share, "link": link, "expires": format_time(share.expires_at)}
+    context = {
+        "user": user,
+        "share": share,
+        "link": link,
+        "expires": format_time(share.expires_at),
+    }
     return Template("share_created.html", context=context, status_code=HTTP_201_CREATED)
 
 
@@ -228,6 +238,7 @@ async def list_shares(
         "rows": rows,
         "user": current_user(request),
         "extend_choices": EXPIRY_CHOICES,
+        "default_extend": shares.DEFAULT_EXPIRY_SECONDS,
         "format_time": format_time,
         "format_duration": format_duration,
         "now": now,
@@ -270,15 +281,16 @@ async def extend_share(
     form = await request.form()
     seconds = _parse_seconds(form.get("seconds", ""))
     if not shares.MIN_EXPIRY_SECONDS <= seconds <= shares.MAX_EXPIRY_SECONDS:
-        return _extend_error("Choose how long to extend the link by: 1 hour to 30 days.")
+        return _extend_error(request, "Choose how long to extend the link by: 1 hour to 30 days.")
     if await shares.extend(redis, share, seconds) is None:
-        return _extend_error("This link was revoked or has expired. Make a new one instead.")
+        message = "This link was revoked or has expired. Make a new one instead."
+        return _extend_error(request, message)
     logger.info("user %s extended share %s", share.user_id, share.id)
     return Redirect(request.app.route_reverse("shares:list"), status_code=HTTP_303_SEE_OTHER)
 
 
-def _extend_error(message: str) -> Template:
-    context = {"message": message}
+def _extend_error(request: Request[Any, Any, Any], message: str) -> Template:
+    context = {"user": current_user(request), "message": message}
     return Template("share_error.html", context=context, status_code=HTTP_400_BAD_REQUEST)
 
 
