@@ -29,7 +29,12 @@ from gallery.imaging import (
     make_renditions,
 )
 from gallery.imaging.colour import convert_to_srgb
+from gallery.imaging.heif import register_heif_opener
 from tests.support import grey_signature, mean_difference, webp_chunk_ids
+
+# These tests write HEIF files with Pillow, and decoding registers the HEIF opener only when
+# the first HEIF upload arrives.
+register_heif_opener()
 
 MAX_PIXELS = 50_000_000
 
@@ -1416,6 +1421,28 @@ def test_gallery_command_module_leaves_out_litestar_and_arq():
     )
 
     assert child.stdout.strip() == "[]"
+
+
+def test_pillow_heif_loads_with_first_heif_upload(tmp_path: Path):
+    path = tmp_path / "small.heic"
+    path.write_bytes(encode(marked_image(64, 48), "HEIF", quality=90))
+    check = f"""
+import io, sys
+from PIL import Image
+from gallery.imaging import make_renditions
+jpeg = io.BytesIO()
+Image.new("RGB", (64, 48)).save(jpeg, "JPEG")
+make_renditions(jpeg.getvalue(), "image/jpeg", max_pixels=10**6)
+print("pillow_heif" in sys.modules)
+result = make_renditions(open({str(path)!r}, "rb").read(), "image/heic", max_pixels=10**6)
+print("pillow_heif" in sys.modules, result.content_type)
+"""
+
+    child = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=True
+    )
+
+    assert child.stdout.splitlines() == ["False", "True image/heic"]
 
 
 # The child process imports only the imaging package, as a decoding process needs, and

@@ -11,7 +11,7 @@ from types import MappingProxyType
 
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from gallery.imaging.heif import HEIC_BRANDS, read_heif_data_end
+from gallery.imaging.heif import HEIC_BRANDS, read_heif_data_end, register_heif_opener
 
 # SVG and HTML are never allowed, because a browser runs the scripts inside them. HEIC and
 # TIFF are accepted as input, and the gallery shows only its own WebP renditions of them.
@@ -94,8 +94,13 @@ def pillow_warnings_as_rejections() -> Iterator[None]:
 def open_allowed_image(data: bytes) -> Image.Image:
     """Open `data` in a format of ALLOWED_TYPES, which reads the header but no pixels."""
     allowed_formats = list(dict.fromkeys(ALLOWED_TYPES.values()))
+    # A HEIF file starts with an ftyp box. Only such data loads pillow-heif, and Pillow
+    # raises KeyError for a format name that no opener registered.
+    if data[4:8] == b"ftyp":
+        register_heif_opener()
+    opened_formats = [name for name in allowed_formats if name != "HEIF" or name in Image.OPEN]
     try:
-        return Image.open(BytesIO(data), formats=allowed_formats)
+        return Image.open(BytesIO(data), formats=opened_formats)
     except UnidentifiedImageError as error:
         format_names = f"{', '.join(allowed_formats[:-1])} or {allowed_formats[-1]}"
         detail = f"{len(data)} bytes are not a {format_names} image"

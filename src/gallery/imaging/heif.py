@@ -3,16 +3,27 @@
 import struct
 from collections.abc import Iterator
 
-import pillow_heif
-
-# The HEIF opener decodes HEIC and HEIF. libheif applies the rotation and mirroring stored in
-# the file while decoding. Depth maps, auxiliary images and embedded thumbnails are never
-# rendered, so they are not read.
-pillow_heif.register_heif_opener(depth_images=False, aux_images=False, thumbnails=False)
+from PIL import Image
 
 # The major brands of the ftyp box that mark HEVC-coded HEIF, which is HEIC. pillow-heif 1.9
 # opens these and the generic brands mif1 and msf1, which are plain image/heif.
 HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+
+
+def register_heif_opener() -> None:
+    """Register pillow-heif's HEIF opener with Pillow, unless it is registered already.
+
+    Decoding processes call this for the first upload that may be HEIF, because importing
+    pillow-heif with libheif adds about 4 MiB to a process.
+    """
+    if "HEIF" in Image.OPEN:
+        return
+    import pillow_heif
+
+    # The HEIF opener decodes HEIC and HEIF. libheif applies the rotation and mirroring stored
+    # in the file while decoding. Depth maps, auxiliary images and embedded thumbnails are
+    # never rendered, so they are not read.
+    pillow_heif.register_heif_opener(depth_images=False, aux_images=False, thumbnails=False)
 
 
 def read_heif_data_end(data: bytes) -> int:
