@@ -44,6 +44,8 @@ def test_empty_environment_gives_defaults():
         ("GALLERY_UPLOAD_FORM_SECONDS", "301", "GALLERY_UPLOAD_FORM_SECONDS=301 is out"),
         ("GALLERY_MAX_UPLOAD_BYTES", "0", "GALLERY_MAX_UPLOAD_BYTES must be a positive"),
         ("GALLERY_WORKER_PROCESSES", "-1", "GALLERY_WORKER_PROCESSES=-1 is invalid"),
+        ("GALLERY_SHARE_URL_EXPIRY_SECONDS", "0", "GALLERY_SHARE_URL_EXPIRY_SECONDS=0 is out"),
+        ("GALLERY_MAX_ACTIVE_SHARES", "0", "GALLERY_MAX_ACTIVE_SHARES must be a positive"),
         ("GALLERY_QUOTA_BYTES", "-1", "GALLERY_QUOTA_BYTES=-1 is invalid: expected 0 or more"),
         ("GALLERY_QUOTA_IMAGES", "many", "GALLERY_QUOTA_IMAGES='many' is invalid"),
         ("GALLERY_LOG_FORMAT", "xml", "GALLERY_LOG_FORMAT='xml' is invalid: expected one of"),

@@ -17,6 +17,8 @@ from tests import test_browser
 from tests.test_browser import (
     ALL_THUMBNAILS_LOADED,
     DESKTOP_VIEWPORT,
+    HORIZONTAL_OVERFLOW,
+    PHONE_VIEWPORT,
     PHOTOS,
     TIMEOUT_MS,
     save_screenshot,
@@ -87,6 +89,10 @@ async def test_share_from_grid_then_revoke(
     await expect(visitor.get_by_alt_text("DSCN0010.jpg")).to_have_count(0)
     shared_text = await visitor.locator("main").inner_text()
     await save_screenshot(visitor, "share-3-shared-page")
+    await visitor.set_viewport_size(PHONE_VIEWPORT)
+    phone_overflow = await visitor.evaluate(HORIZONTAL_OVERFLOW)
+    await save_screenshot(visitor, "share-3-shared-page-phone")
+    await visitor.set_viewport_size(DESKTOP_VIEWPORT)
     await (
         visitor.locator(".tile", has=visitor.get_by_alt_text("Portrait_6.jpg"))
         .locator("a.frame")
@@ -120,6 +126,7 @@ async def test_share_from_grid_then_revoke(
 
     assert page.url == f"{base_url}/shares"
     assert display == {"width": 1067, "height": 1600}
+    assert phone_overflow == 0
     assert "expires" in shared_text
     assert "Shared by" not in shared_text
     assert console_errors == []
