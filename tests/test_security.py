@@ -28,6 +28,7 @@ PUBLIC_ROUTES = {
     ("GET", "/s/0123abcd"),
     ("GET", "/s/0123abcd/0123abcd"),
     ("GET", "/s/0123abcd/0123abcd/original"),
+    ("GET", "/metrics"),
 }
 SHARED_ROUTES = [route for route in PUBLIC_ROUTES if route[1].startswith("/s/")]
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}

@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import index, quotas, storage
+from gallery import index, metrics, quotas, storage
 from gallery.imaging import ImageRejected, Renditions, make_renditions
 from gallery.index import Upload
 
@@ -95,11 +95,13 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
 
     elapsed_ms = (time.monotonic() - started) * 1000
     if outcome == "ready":
+        await metrics.count(redis, "gallery_uploads_verified_total")
         # The job's own line, from log_job, reports the duration at INFO.
         logger.debug("upload %s of user %s ready in %.0f ms", upload.id, upload.user_id, elapsed_ms)
         return outcome
     await index.mark_rejected(redis, upload, outcome)
     await quotas.release(redis, upload.user_id, upload.id)
+    await metrics.count(redis, "gallery_uploads_rejected_total", reason=outcome)
     logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, outcome)
     return "rejected"
 
@@ -171,6 +173,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         return rejection.reason
 
     stored_bytes = await _store_image(store, upload, data, processed)
+    await metrics.count(ctx["redis"], "gallery_thumbnails_made_total")
     # Counted before the record turns ready, so a delete at any moment frees what it counted.
     await quotas.commit(ctx["redis"], upload.user_id, upload.id, stored_bytes)
     if source == incoming:

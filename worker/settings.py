@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery.logs import log_job
+from gallery.metrics import timed_job
 from gallery.settings import Settings
 from gallery.storage import Storage
 from worker.jobs import MAX_TRIES, make_pool, verify_upload
@@ -76,7 +77,7 @@ class ReconnectingWorker(Worker):
 
 
 class WorkerSettings:
-    functions = (log_job(verify_upload),)
+    functions = (log_job(timed_job(verify_upload)),)
     on_startup = startup
     on_shutdown = shutdown
     max_tries = MAX_TRIES
@@ -102,8 +103,8 @@ def make_worker(settings: Settings, **overrides: Any) -> Worker:
         "redis_settings": redis_settings(settings, command_retries=REDIS_COMMAND_RETRIES),
         "ctx": {"settings": settings},
         "cron_jobs": [
-            cron(log_job(sweep_uploads), second=seconds),
-            cron(log_job(purge_shares), second=30),
+            cron(log_job(timed_job(sweep_uploads)), second=seconds),
+            cron(log_job(timed_job(purge_shares)), second=30),
         ],
         **overrides,
     }

@@ -9,7 +9,7 @@ from typing import Any
 
 from arq.constants import job_key_prefix
 
-from gallery import index, jobs, quotas, storage
+from gallery import index, jobs, metrics, quotas, storage
 from gallery.index import State, Upload
 from worker.jobs import MAX_ATTEMPTS, REASON_FAILED
 
@@ -105,7 +105,16 @@ async def sweep(ctx: dict[str, Any]) -> SweepCounts:
         await store.delete(stray)
     counts.stray = len(stray)
     counts.actions.extend(f"delete stray object {key}" for key in stray)
+    if not dry_run:
+        await _count_sweep(redis, counts)
     return counts
+
+
+async def _count_sweep(redis: Any, counts: SweepCounts) -> None:
+    await metrics.count(redis, "gallery_sweeps_total")
+    await metrics.count(redis, "gallery_uploads_completed_total", counts.promoted, source="sweep")
+    await metrics.count(redis, "gallery_purged_total", counts.purged, kind="abandoned_upload")
+    await metrics.count(redis, "gallery_purged_total", counts.stray, kind="stray_object")
 
 
 async def _sweep_issued(

@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import accounts, errors, health, images, share_pages
+from gallery import accounts, errors, health, images, metrics, share_pages
 from gallery.logs import request_log_middleware
 from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SessionConfig
@@ -43,7 +43,7 @@ REDIS_CONNECT_TIMEOUT = 2
 REDIS_COMMAND_TIMEOUT = 5
 
 
-HEALTH_PATHS = ["^/healthz$", "^/readyz$"]
+HEALTH_PATHS = ["^/healthz$", "^/readyz$", "^/metrics$"]
 
 
 def _redis_options() -> dict[str, Any]:
@@ -86,6 +86,7 @@ def create_app(settings: Settings) -> Litestar:
             images.show_home,
             health.show_alive,
             health.show_ready,
+            metrics.show_metrics,
             accounts.router,
             images.router,
             share_pages.owner_router,

@@ -22,7 +22,7 @@ from litestar.status_codes import (
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
-from gallery import index, jobs, limits, quotas, shares, storage
+from gallery import index, jobs, limits, metrics, quotas, shares, storage
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -189,6 +189,7 @@ async def create_upload(
         expires_in=settings.upload_form_seconds,
     )
     logger.info("issued upload form %s for user %s", upload.id, user_id)
+    await metrics.count(redis, "gallery_upload_forms_issued_total")
     complete_url = request.app.route_reverse("images:complete-upload", upload_id=upload.id)
     body = {"id": upload.id, "url": form.url, "fields": form.fields, "complete_url": complete_url}
     return Response(body)
@@ -232,6 +233,7 @@ async def complete_upload(
     if await index.mark_uploaded(redis, upload):
         await quotas.hold(redis, user_id, upload.id)
         await jobs.enqueue_verify(redis, upload.id)
+        await metrics.count(redis, "gallery_uploads_completed_total", source="browser")
     if not request.htmx:
         return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
     tiles = await make_tiles([upload], store)

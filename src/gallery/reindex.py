@@ -22,7 +22,7 @@ CONCURRENT_HEADS = 16
 
 @dataclass
 class ReindexCounts:
-    """What a rebuild found and did."""
+    """Counts of what a rebuild found and did."""
 
     users: int = 0
     restored: int = 0
