@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "purge",
     "create-user",
     "set-quota",
+    "reindex",
 )
 # Words that name the unit of an option's value.
 UNIT_WORDS = ("seconds", "bytes", "count", "characters", "standard input")

@@ -253,15 +253,15 @@ class ByteSize(click.ParamType):
     "--max-bytes",
     type=ByteSize(),
     default=None,
-    help="The most bytes the user's originals and renditions may take together, in bytes "
-    "or with a unit (500MB, 10GiB); 0 means no limit.",
+    help="Maximum total size of the user's originals and renditions, in bytes or with a "
+    "unit (500MB, 10GiB); 0 means no limit.",
 )
 @click.option(
     "--max-images",
     type=click.IntRange(min=0),
     default=None,
     metavar="COUNT",
-    help="The most images the user may store, as a count; 0 means no limit.",
+    help="Maximum number of images the user may store, as a count; 0 means no limit.",
 )
 @click.option(
     "--default",
@@ -275,8 +275,8 @@ def set_quota(
     """Set the quota of USERNAME and print it with the usage.
 
     A limit that is not given keeps its current value; without options this only prints.
-    Images already stored stay when a new limit is below the usage, and new uploads are
-    refused until the usage is under it.
+    Images already stored stay when a new limit is below the usage, and new upload forms are
+    rejected until the usage is under it.
     """
     from gallery import accounts, quotas
 
