@@ -1,5 +1,6 @@
 """Session-wide test fixtures: the photo corpus and the real services the suite runs on."""
 
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -14,12 +15,28 @@ from litestar.testing import AsyncTestClient
 
 from gallery.app import create_app
 from gallery.embedded import EmbeddedRedis, EmbeddedS3
+from gallery.logs import CONFIGURED_LOGGERS
 from gallery.settings import Settings
 from gallery.storage import Storage
 from tests.support import TEST_MAX_UPLOAD_BYTES, TEST_PASSWORD, UserClient
 from worker.settings import make_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Undo the logging setup that each `gallery` command run in a test makes.
+
+    Without this, one command's levels would stay for the rest of the session, such as
+    arq's job lines turned off, and its handler would write to a closed stream.
+    """
+    loggers = [logging.getLogger(name) for name in CONFIGURED_LOGGERS]
+    saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
+    yield
+    for logger, level, handlers in saved:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")

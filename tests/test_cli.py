@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 
@@ -27,16 +26,6 @@ SUBCOMMANDS = (
 )
 # Words that name the unit of an option's value.
 UNIT_WORDS = ("seconds", "bytes", "count", "characters", "standard input")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """Put back the root logger's handlers, which each command replaces with its own."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_help_lists_every_subcommand():

@@ -23,21 +23,17 @@ PRESIGNED = (
 
 @pytest.fixture
 def captured_logs(settings):
-    """Hand over a factory that routes every log line to a buffer, in the given format."""
-    handlers = []
-    root = logging.getLogger()
-    level = root.level
+    """Hand over a factory that routes every log line to a buffer, in the given format.
+
+    The autouse restore_logging fixture removes the handler afterwards.
+    """
 
     def capture(log_format: str = "json", log_level: str = "DEBUG") -> io.StringIO:
         buffer = io.StringIO()
-        configured = replace(settings, log_format=log_format, log_level=log_level)
-        handlers.append(configure_logging(configured, stream=buffer))
+        configure_logging(replace(settings, log_format=log_format, log_level=log_level), buffer)
         return buffer
 
-    yield capture
-    for handler in handlers:
-        root.removeHandler(handler)
-    root.setLevel(level)
+    return capture
 
 
 def test_redactor_hides_presigned_url_and_secrets():

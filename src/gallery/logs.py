@@ -47,6 +47,9 @@ _URL_PASSWORD = re.compile(r"(rediss?://[^:/@\s]*:)[^@\s]+@")
 
 # Loggers of libraries that log request signatures at DEBUG: kept at INFO or above.
 _SIGNING_LOGGERS = ("botocore", "aiobotocore", "aioboto3", "boto3", "urllib3")
+ARQ_WORKER_LOGGER = "arq.worker"
+# Every logger whose level or handlers configure_logging sets; "" is the root logger.
+CONFIGURED_LOGGERS = ("", ARQ_WORKER_LOGGER, *_SIGNING_LOGGERS)
 
 # The fields a LogRecord has without `extra`; the others go into a JSON line as they are.
 _RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -131,7 +134,7 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> logg
     for name in _SIGNING_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.INFO))
     # arq logs two lines of its own per job; log_job writes the one line the gallery keeps.
-    logging.getLogger("arq.worker").setLevel(max(level, logging.WARNING))
+    logging.getLogger(ARQ_WORKER_LOGGER).setLevel(max(level, logging.WARNING))
     return handler
 
 
