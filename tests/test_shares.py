@@ -617,16 +617,18 @@ async def test_request_log_hides_share_token(client, visitor, run_worker, settin
     path = await share_path(client, image_ids)
     token = path.removeprefix("/s/")
     buffer = io.StringIO()
-    root = logging.getLogger()
-    level = root.level
+    # configure_logging sets the levels of the root logger and of some libraries' loggers.
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    levels = {logger: logger.level for logger in loggers}
     handler = configure_logging(replace(settings, log_level="DEBUG"), stream=buffer)
 
     try:
         await visitor.get(path)
         await visitor.get(f"{path}/{image_ids[0]}")
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+        logging.getLogger().removeHandler(handler)
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
     assert token not in buffer.getvalue()
     assert "GET /s/<token> 200" in buffer.getvalue()
