@@ -15,7 +15,7 @@ from litestar.testing import AsyncTestClient
 
 from gallery.app import create_app
 from gallery.embedded import EmbeddedRedis, EmbeddedS3
-from gallery.logs import CONFIGURED_LOGGERS
+from gallery.logs import CONFIGURED_LOGGERS, GALLERY_HANDLER_NAME
 from gallery.settings import Settings
 from gallery.storage import Storage
 from tests.support import TEST_MAX_UPLOAD_BYTES, TEST_PASSWORD, UserClient
@@ -24,19 +24,26 @@ from worker.settings import make_worker
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def logging_levels() -> dict[str, int]:
+    """Hand over the levels of the loggers that `configure_logging` sets, before any test."""
+    return {name: logging.getLogger(name).level for name in CONFIGURED_LOGGERS}
+
+
 @pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Undo the logging setup that each `gallery` command run in a test makes.
+def restore_logging(logging_levels: dict[str, int]) -> Iterator[None]:
+    """Undo the logging setup of each `gallery` command that a test or fixture runs.
 
     Without this, one command's levels would stay for the rest of the session, such as
-    arq's job lines turned off, and its handler would write to a closed stream.
+    arq's job lines turned off, and its handler would write to a closed stream. Module
+    fixtures run commands before a test starts, so the levels go back to the session's.
     """
-    loggers = [logging.getLogger(name) for name in CONFIGURED_LOGGERS]
-    saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
     yield
-    for logger, level, handlers in saved:
-        logger.setLevel(level)
-        logger.handlers[:] = handlers
+    for name, level in logging_levels.items():
+        logging.getLogger(name).setLevel(level)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == GALLERY_HANDLER_NAME]:
+        root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

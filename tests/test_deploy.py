@@ -1,5 +1,6 @@
 """The deployment files: docker-compose.yml names only real settings and services."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,26 @@ def test_compose_passes_only_known_settings():
     for name, service in _compose()["services"].items():
         for variable in service.get("environment", {}):
             assert variable in known, f"{name} sets unknown variable {variable}"
+
+
+def test_compose_reads_only_known_settings_from_env_file():
+    known = set(ENV_NAMES.values())
+    text = (REPO_ROOT / "docker-compose.yml").read_text()
+
+    # ${NAME:-default} is filled in from .env, and $$NAME is read by a service's shell.
+    names = set(re.findall(r"\$\{([A-Z0-9_]+)", text)) | set(re.findall(r"\$\$([A-Z0-9_]+)", text))
+
+    assert names
+    assert names <= known, names - known
+
+
+def test_compose_keeps_data_in_volumes():
+    compose = _compose()
+
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert "redis-data:/data" in compose["services"]["redis"]["volumes"]
+    assert "s3-data:/data" in compose["services"]["s3"]["volumes"]
+    assert set(compose["volumes"]) == {"redis-data", "s3-data"}
 
 
 def test_compose_depends_on_defined_services():

@@ -112,15 +112,7 @@ async def list_images(
     uploads, next_cursor = await index.list_grid(
         redis, user_id, before=before, limit=settings.page_size
     )
-    quota = await quotas.get_quota(redis, user_id, settings)
-    usage = await quotas.get_usage(redis, user_id)
-    space_left = usage.space_left(quota)
     context = {
-        "quota_text": quotas.describe(quota, usage),
-        # The largest file a form is signed for: the file limit, or less when space is short.
-        "max_file_bytes": min(settings.max_upload_bytes, space_left)
-        if space_left is not None
-        else settings.max_upload_bytes,
         "tiles": await make_tiles(uploads, store),
         "next_cursor": next_cursor,
         "count": await index.count_grid(redis, user_id),
@@ -130,7 +122,18 @@ async def list_images(
     }
     if request.htmx and before:
         return HTMXTemplate(template_name="_grid_page.html", context=context)
+    context |= await _upload_limits(redis, user_id, settings)
     return Template("gallery.html", context=context)
+
+
+async def _upload_limits(redis: ArqRedis, user_id: str, settings: Settings) -> dict[str, Any]:
+    """Return the upload page's quota line and the largest file a form may be signed for."""
+    quota, usage = await quotas.get_quota_and_usage(redis, user_id, settings)
+    space_left = usage.space_left(quota)
+    largest = settings.max_upload_bytes
+    if space_left is not None:
+        largest = min(largest, space_left)
+    return {"quota_text": quotas.describe(quota, usage), "max_file_bytes": largest}
 
 
 @post("/uploads", name="images:create-upload")

@@ -48,6 +48,7 @@ _URL_PASSWORD = re.compile(r"(rediss?://[^:/@\s]*:)[^@\s]+@")
 # Loggers of libraries that log request signatures at DEBUG: kept at INFO or above.
 _SIGNING_LOGGERS = ("botocore", "aiobotocore", "aioboto3", "boto3", "urllib3")
 ARQ_WORKER_LOGGER = "arq.worker"
+GALLERY_HANDLER_NAME = "gallery"
 # Every logger whose level or handlers configure_logging sets; "" is the root logger.
 CONFIGURED_LOGGERS = ("", ARQ_WORKER_LOGGER, *_SIGNING_LOGGERS)
 
@@ -123,10 +124,10 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> logg
     formatter = JsonFormatter(redact) if settings.log_format == "json" else TextFormatter(redact)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
-    handler.set_name("gallery")
+    handler.set_name(GALLERY_HANDLER_NAME)
 
     root = logging.getLogger()
-    for old in [h for h in root.handlers if h.get_name() == "gallery"]:
+    for old in [h for h in root.handlers if h.get_name() == GALLERY_HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
     level = logging.getLevelName(settings.log_level.upper())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -135,10 +136,13 @@ def _keys(user_id: str) -> tuple[str, str, str, str]:
 
 async def get_quota(redis: Redis, user_id: str, settings: Settings) -> Quota:
     """Return a user's own limits, or the defaults from the settings for those not set."""
-    raw = await redis.hgetall(_limits_key(user_id))
+    return _quota_from(await redis.hgetall(_limits_key(user_id)), settings)
+
+
+def _quota_from(own: dict[bytes, bytes], settings: Settings) -> Quota:
     return Quota(
-        max_bytes=int(raw.get(b"bytes", settings.quota_bytes)),
-        max_images=int(raw.get(b"images", settings.quota_images)),
+        max_bytes=int(own.get(b"bytes", settings.quota_bytes)),
+        max_images=int(own.get(b"images", settings.quota_images)),
     )
 
 
@@ -166,12 +170,30 @@ async def set_quota(
 
 async def get_usage(redis: Redis, user_id: str) -> Usage:
     """Return a user's stored bytes and images, and the reservations of unexpired forms."""
-    now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(_usage_key(user_id))
-        pipe.zrangebyscore(_reserved_key(user_id), now, "+inf")
-        pipe.hgetall(_reserved_bytes_key(user_id))
-        totals, live_ids, reserved = await pipe.execute()
+        _queue_usage(pipe, user_id)
+        return _read_usage(await pipe.execute())
+
+
+async def get_quota_and_usage(
+    redis: Redis, user_id: str, settings: Settings
+) -> tuple[Quota, Usage]:
+    """Return a user's quota and usage in one round trip to Redis, for the upload page."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(_limits_key(user_id))
+        _queue_usage(pipe, user_id)
+        own, *usage = await pipe.execute()
+    return _quota_from(own, settings), _read_usage(usage)
+
+
+def _queue_usage(pipe: Any, user_id: str) -> None:
+    pipe.hgetall(_usage_key(user_id))
+    pipe.zrangebyscore(_reserved_key(user_id), time.time(), "+inf")
+    pipe.hgetall(_reserved_bytes_key(user_id))
+
+
+def _read_usage(replies: list[Any]) -> Usage:
+    totals, live_ids, reserved = replies
     return Usage(
         bytes=int(totals.get(b"bytes", 0)),
         images=int(totals.get(b"images", 0)),
