@@ -62,6 +62,7 @@ async def test_share_from_grid_then_revoke(
         tile = page.locator(".tile", has=page.get_by_alt_text(name))
         await tile.get_by_label("Select").check()
 
+    await save_screenshot(page, "share-0-selected")
     await page.get_by_role("button", name="Share selected").click()
     await expect(page.get_by_role("heading", name="Share 2 photos")).to_be_visible()
     await page.get_by_label("Title").fill("Summer at the lake")
@@ -106,14 +107,28 @@ async def test_share_from_grid_then_revoke(
     await expect(visitor.get_by_role("link", name="Download original")).to_be_visible()
     await save_screenshot(visitor, "share-4-shared-viewer")
 
-    await page.goto(f"{base_url}/shares")
-    row = page.locator(".share-row", has_text="Summer at the lake")
-    await expect(row.locator(".share-status")).to_contain_text("2 photos · 1 view, last")
+    # The owner manages the link with JavaScript off too, in a context with the same session.
+    owner_context = await browser.new_context(
+        viewport=DESKTOP_VIEWPORT,
+        java_script_enabled=False,
+        storage_state=await page.context.storage_state(),
+    )
+    owner_context.set_default_timeout(TIMEOUT_MS)
+    owner = await owner_context.new_page()
+    await owner.goto(f"{base_url}/shares")
+    row = owner.locator(".share-row", has_text="Summer at the lake")
+    await expect(row.locator(".share-status")).to_contain_text("(in 3 days) · 2 photos")
+    await expect(row.locator(".share-status")).to_contain_text("1 view, last")
     await expect(row.locator(".share-thumbnails img")).to_have_count(2)
-    await save_screenshot(page, "share-5-manage")
+    await save_screenshot(owner, "share-5-manage")
+    await row.get_by_label("Extend by").select_option(label="1 day")
+    await row.get_by_role("button", name="Extend").click()
+    await expect(row.locator(".share-status")).to_contain_text("(in 4 days)")
     await row.get_by_role("button", name="Revoke").click()
     await expect(row.locator(".share-status")).to_contain_text("Revoked")
-    await save_screenshot(page, "share-6-revoked")
+    await save_screenshot(owner, "share-6-revoked")
+    owner_url = owner.url
+    await owner_context.close()
 
     response = await visitor.reload()
     await save_screenshot(visitor, "share-7-revoked-link")
@@ -124,7 +139,7 @@ async def test_share_from_grid_then_revoke(
     ).to_be_visible()
     await visitor_context.close()
 
-    assert page.url == f"{base_url}/shares"
+    assert owner_url == f"{base_url}/shares"
     assert display == {"width": 1067, "height": 1600}
     assert phone_overflow == 0
     assert "expires" in shared_text
