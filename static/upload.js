@@ -1,20 +1,17 @@
-// Uploads each chosen file straight to S3 with a presigned POST form, then reports it done.
+// Uploads each chosen or dropped file straight to S3 with a presigned POST form, then
+// reports it done and follows its tile until the worker has checked it.
 // The request to S3 is a plain XMLHttpRequest: htmx headers on it would trigger CORS
 // preflights, and XMLHttpRequest reports upload progress.
-// It also keeps the grid in step: the image count, tiles deleted in another tab, and
-// thumbnails whose presigned URLs expired while the page stayed open.
 "use strict";
 
 (function () {
-  const MAX_PARALLEL_UPLOADS = 3;
   // The maximum number of form requests for one file while the server returns
   // 429 Too Many Requests.
   const MAX_FORM_ATTEMPTS = 30;
-  // How long a note that needs no action stays in the message area.
-  const NOTE_SECONDS = 5;
   const queue = [];
+  // Rows of uploads reported done, by upload id, until their tile is ready or rejected.
+  const followed = new Map();
   let running = 0;
-  let noteTimer = null;
 
   // Raised when the app returns 401 Unauthorized because the session ended, by sign-out in
   // another tab or by expiry.
@@ -25,8 +22,30 @@
     }
   }
 
+  // Raised when the user cancels an upload.
+  class CancelledError extends Error {
+    constructor() {
+      super("cancelled");
+    }
+  }
+
+  // Raised when S3 rejects a form because it expired before the file was sent.
+  class FormExpiredError extends Error {
+    constructor() {
+      super("the upload form expired");
+    }
+  }
+
   function csrfToken() {
     return JSON.parse(document.body.getAttribute("hx-headers"))["x-csrftoken"];
+  }
+
+  function button(text, label) {
+    const element = document.createElement("button");
+    element.type = "button";
+    element.textContent = text;
+    element.setAttribute("aria-label", label);
+    return element;
   }
 
   function addRow(file) {
@@ -39,27 +58,23 @@
     const bar = document.createElement("progress");
     bar.max = 100;
     bar.value = 0;
+    bar.setAttribute("aria-label", "Upload progress of " + file.name);
     const state = document.createElement("span");
     state.className = "upload-state";
-    state.textContent = "waiting";
-    row.append(name, bar, state);
+    const cancel = button("Cancel", "Cancel the upload of " + file.name);
+    const retry = button("Retry", "Retry the upload of " + file.name);
+    retry.hidden = true;
+    row.append(name, bar, state, cancel, retry);
     document.getElementById("upload-list").append(row);
-    return { row, bar, state };
+    return { row, bar, state, cancel, retry, request: null, form: null, cancelled: false };
   }
 
-  // The server renders the count with the page, and this keeps it in step as tiles come and go.
-  function changeCount(delta) {
-    const element = document.getElementById("count");
-    const count = Number(element.dataset.count) + delta;
-    element.dataset.count = count;
-    element.textContent = count + (count === 1 ? " image" : " images");
-    element.hidden = count === 0;
-    document.getElementById("empty").hidden = count !== 0;
-  }
-
+  // Kinds: waiting, uploading, verifying, ready, rejected, failed, cancelled.
   function setState(view, text, kind) {
     view.state.textContent = text;
     view.row.dataset.state = kind;
+    view.cancel.hidden = !["waiting", "uploading"].includes(kind);
+    view.retry.hidden = kind !== "failed";
   }
 
   // Browsers leave the type of some photo formats empty, so it is taken from the name.
@@ -108,6 +123,15 @@
     return new Promise((resolve) => setTimeout(resolve, seconds * 1000));
   }
 
+  // Returns the message of an error response from our app, whatever its body.
+  async function errorMessage(response) {
+    const body = await readJson(response.clone());
+    if (body && (body.error || body.detail)) return body.error || body.detail;
+    const text = (await response.text()).trim();
+    if (text && text.length < 200 && !text.startsWith("<")) return text;
+    return "the server returned status " + response.status;
+  }
+
   // Requests a signed form from the app. While too many uploads are pending, it waits for the
   // Retry-After time and requests again.
   // With HX-Request, the app returns 401 for a missing session instead of a redirect that
@@ -132,20 +156,30 @@
       if (response.status === 401) {
         throw signedOut(response, uploader);
       }
-      const body = await readJson(response);
       if (response.ok) {
+        const body = await readJson(response);
         if (body === null) throw new Error("the server returned an unexpected response");
         return body;
       }
-      const message =
-        (body && (body.error || body.detail)) || "the server returned status " + response.status;
       if (response.status !== 429 || attempt >= MAX_FORM_ATTEMPTS) {
-        throw new Error(message);
+        throw new Error(await errorMessage(response));
       }
       setState(view, "waiting for earlier uploads to be checked", "waiting");
       await sleep(Number(response.headers.get("Retry-After")) || 5);
+      if (view.cancelled) throw new CancelledError();
       setState(view, "uploading", "uploading");
     }
+  }
+
+  // Drops an upload the app issued a form for, so it holds no pending slot. Best effort:
+  // the purge job removes it anyway once its form has expired.
+  function dropForm(form) {
+    if (!form) return Promise.resolve();
+    return fetch(form.cancel_url, {
+      method: "DELETE",
+      headers: { "x-csrftoken": csrfToken(), "HX-Request": "true" },
+      credentials: "same-origin",
+    }).catch(() => undefined);
   }
 
   // Reports the upload done and puts the tile the app returns at the top of the grid.
@@ -158,12 +192,18 @@
     if (response.status === 401) {
       throw signedOut(response, uploader);
     }
-    const text = await response.text();
     if (!response.ok) {
-      throw new Error(text.length > 0 && text.length < 200 ? text : "the server returned status " + response.status);
+      throw new Error(await errorMessage(response));
     }
+    const text = await response.text();
     htmx.swap("#grid", text, { swapStyle: "afterbegin" });
-    changeCount(1);
+    window.gallery.changeCount(1);
+  }
+
+  function formExpired(form, request) {
+    const expiredByClock = Date.now() / 1000 >= form.expires_at;
+    const expiredByS3 = request.status === 403 && /expired/i.test(request.responseText || "");
+    return expiredByClock || expiredByS3;
   }
 
   function postToS3(form, file, view) {
@@ -175,6 +215,7 @@
       // S3 ignores every field after the file, so the file goes last.
       data.append("file", file);
       const request = new XMLHttpRequest();
+      view.request = request;
       request.open("POST", form.url);
       request.upload.addEventListener("progress", (event) => {
         if (event.lengthComputable) {
@@ -184,32 +225,88 @@
       request.addEventListener("load", () => {
         if (request.status === 201 || request.status === 204) {
           resolve();
+        } else if (formExpired(form, request)) {
+          reject(new FormExpiredError());
         } else {
           reject(new Error("storage rejected the file (" + request.status + ")"));
         }
       });
-      request.addEventListener("error", () => reject(new Error("network error")));
+      request.addEventListener("error", () => {
+        reject(formExpired(form, request) ? new FormExpiredError() : new Error("network error"));
+      });
+      request.addEventListener("abort", () => reject(new CancelledError()));
       request.send(data);
     });
+  }
+
+  // Sends the file with a fresh form when its first form expired before the file was sent,
+  // as happens when the page waited long behind other uploads. It refreshes once only.
+  async function sendFile(file, uploader, view) {
+    for (let refreshes = 0; ; refreshes += 1) {
+      view.form = await requestForm(file, uploader, view);
+      if (view.cancelled) throw new CancelledError();
+      try {
+        await postToS3(view.form, file, view);
+        return view.form;
+      } catch (error) {
+        if (!(error instanceof FormExpiredError) || refreshes >= 1) throw error;
+        await dropForm(view.form);
+        view.form = null;
+        view.bar.value = 0;
+      }
+    }
   }
 
   async function upload(file, view, uploader) {
     setState(view, "uploading", "uploading");
     try {
-      const form = await requestForm(file, uploader, view);
-      await postToS3(form, file, view);
+      const form = await sendFile(file, uploader, view);
       view.bar.value = 100;
       setState(view, "verifying", "verifying");
       await completeUpload(form, uploader);
-      setState(view, "uploaded", "done");
+      follow(form.id, view);
     } catch (error) {
       if (error instanceof SignedOutError) {
         stopUploads(error, view);
         return;
       }
+      if (error instanceof CancelledError || view.cancelled) {
+        await dropForm(view.form);
+        setState(view, "cancelled", "cancelled");
+        return;
+      }
+      await dropForm(view.form);
       setState(view, "failed: " + error.message, "failed");
+    } finally {
+      view.request = null;
+      view.form = null;
     }
   }
+
+  // Updates the row from the tile's state, which the tile's own polling keeps current.
+  function follow(uploadId, view) {
+    followed.set(uploadId, view);
+    updateFromTile(document.getElementById("tile-" + uploadId));
+  }
+
+  function updateFromTile(tile) {
+    if (!tile || !tile.id.startsWith("tile-")) return;
+    const uploadId = tile.id.slice("tile-".length);
+    const view = followed.get(uploadId);
+    if (!view) return;
+    const state = tile.dataset.state;
+    if (state === "ready") {
+      setState(view, "ready", "ready");
+    } else if (state === "rejected") {
+      const reason = tile.querySelector(".reason");
+      setState(view, reason ? reason.textContent.trim().toLowerCase() : "rejected", "rejected");
+    } else {
+      return;
+    }
+    followed.delete(uploadId);
+  }
+
+  document.addEventListener("htmx:load", (event) => updateFromTile(event.detail.elt));
 
   // Marks the queued uploads too, since none can succeed, and opens the sign-in page.
   function stopUploads(error, view) {
@@ -221,7 +318,8 @@
   }
 
   function pump(uploader) {
-    while (running < MAX_PARALLEL_UPLOADS && queue.length > 0) {
+    const parallel = Number(uploader.dataset.parallelUploads) || 1;
+    while (running < parallel && queue.length > 0) {
       const { file, view } = queue.shift();
       running += 1;
       upload(file, view, uploader).finally(() => {
@@ -231,90 +329,76 @@
     }
   }
 
+  function cancel(item) {
+    const { view } = item;
+    view.cancelled = true;
+    const position = queue.indexOf(item);
+    if (position >= 0) {
+      queue.splice(position, 1);
+      setState(view, "cancelled", "cancelled");
+    } else if (view.request) {
+      view.request.abort();
+    }
+  }
+
+  function enqueue(item, uploader) {
+    item.view.cancelled = false;
+    item.view.bar.value = 0;
+    setState(item.view, "waiting", "waiting");
+    queue.push(item);
+  }
+
   function addFiles(files, uploader) {
     for (const file of files) {
       const view = addRow(file);
       const problem = problemWith(file, uploader);
       if (problem) {
-        setState(view, problem, "failed");
+        setState(view, problem, "rejected");
         continue;
       }
-      queue.push({ file, view });
+      const item = { file, view };
+      view.cancel.addEventListener("click", () => cancel(item));
+      view.retry.addEventListener("click", () => {
+        enqueue(item, uploader);
+        pump(uploader);
+      });
+      enqueue(item, uploader);
     }
     pump(uploader);
+  }
+
+  // Dropping anywhere on the page uploads; the overlay shows while files are dragged over it.
+  function watchDrops(uploader) {
+    const overlay = document.getElementById("drop-overlay");
+    let depth = 0;
+    const carriesFiles = (event) => Array.from(event.dataTransfer.types).includes("Files");
+    document.addEventListener("dragenter", (event) => {
+      if (!carriesFiles(event)) return;
+      depth += 1;
+      overlay.hidden = false;
+    });
+    document.addEventListener("dragleave", () => {
+      depth = Math.max(0, depth - 1);
+      if (depth === 0) overlay.hidden = true;
+    });
+    document.addEventListener("dragover", (event) => event.preventDefault());
+    document.addEventListener("drop", (event) => {
+      event.preventDefault();
+      depth = 0;
+      overlay.hidden = true;
+      addFiles(Array.from(event.dataTransfer.files), uploader);
+    });
   }
 
   document.addEventListener("DOMContentLoaded", () => {
     const uploader = document.getElementById("uploader");
     if (!uploader) return;
+    document.getElementById("picker-row").hidden = false;
     const input = document.getElementById("file-input");
     input.addEventListener("change", () => {
       addFiles(Array.from(input.files), uploader);
       input.value = "";
     });
-    document.addEventListener("dragover", (event) => event.preventDefault());
-    document.addEventListener("drop", (event) => {
-      event.preventDefault();
-      addFiles(Array.from(event.dataTransfer.files), uploader);
-    });
+    watchDrops(uploader);
   });
-
-  function showMessage(text) {
-    clearTimeout(noteTimer);
-    document.getElementById("messages").textContent = text;
-  }
-
-  function showNote(text) {
-    showMessage(text);
-    noteTimer = setTimeout(() => showMessage(""), NOTE_SECONDS * 1000);
-  }
-
-  document.addEventListener("htmx:afterRequest", (event) => {
-    if (!event.detail.successful) return;
-    // Counts a tile that a delete button removed.
-    if (event.detail.requestConfig.verb.toLowerCase() === "delete") {
-      changeCount(-1);
-    }
-    // A request the user started has succeeded, so an earlier error no longer applies.
-    // Background requests, such as a processing tile polling itself, leave it in place.
-    const trigger = event.detail.requestConfig.triggeringEvent;
-    if (trigger && trigger.isTrusted) {
-      showMessage("");
-    }
-  });
-
-  // htmx drops error bodies by default; show them in the message area instead.
-  document.addEventListener("htmx:responseError", (event) => {
-    const { xhr, target } = event.detail;
-    const tile = target && target.closest(".tile");
-    // A delete, poll or refresh of a tile whose image another tab or device has deleted.
-    if (xhr.status === 404 && tile) {
-      tile.remove();
-      changeCount(-1);
-      showNote("That image was already deleted.");
-      return;
-    }
-    const text = xhr.responseText || "The request failed.";
-    showMessage(text.length > 200 ? "The request failed." : text);
-  });
-
-  // Ids of the tiles refreshed after a thumbnail error, so each is refreshed at most once
-  // per page view.
-  const refreshedTiles = new Set();
-
-  // A thumbnail that fails to load, most likely because its presigned URL expired while the
-  // page stayed open, gets its tile fetched again with fresh URLs. Image errors do not
-  // bubble, so the listener runs in the capture phase.
-  document.addEventListener(
-    "error",
-    (event) => {
-      const image = event.target;
-      if (!(image instanceof HTMLImageElement) || !image.matches(".tile img.thumbnail")) return;
-      const tile = image.closest(".tile");
-      if (!tile.dataset.tileUrl || refreshedTiles.has(tile.id)) return;
-      refreshedTiles.add(tile.id);
-      htmx.ajax("GET", tile.dataset.tileUrl, { target: tile, swap: "outerHTML" });
-    },
-    true,
-  );
 })();

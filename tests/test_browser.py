@@ -26,7 +26,6 @@ from arq.connections import ArqRedis
 from playwright.async_api import (
     Browser,
     ConsoleMessage,
-    Dialog,
     Error,
     Page,
     Request,
@@ -226,8 +225,8 @@ async def test_upload_three_photos_then_delete_one(
     rows = page.locator(".upload-row")
     for index in range(len(PHOTOS)):
         # The text first, because on failure it carries the error that upload.js caught.
-        await expect(rows.nth(index).locator(".upload-state")).to_have_text("uploaded")
-        await expect(rows.nth(index)).to_have_attribute("data-state", "done")
+        await expect(rows.nth(index).locator(".upload-state")).to_have_text("ready")
+        await expect(rows.nth(index)).to_have_attribute("data-state", "ready")
     await expect(page.locator(".tile")).to_have_count(len(PHOTOS))
     await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(PHOTOS))
     await expect(page.locator("#empty")).to_be_hidden()
@@ -239,15 +238,9 @@ async def test_upload_three_photos_then_delete_one(
     await save_screenshot(page, "4-three-thumbnails-phone")
     await page.set_viewport_size(DESKTOP_VIEWPORT)
 
-    dialogs: list[str] = []
-
-    async def accept_dialog(dialog: Dialog) -> None:
-        dialogs.append(dialog.message)
-        await dialog.accept()
-
-    page.on("dialog", accept_dialog)
     deleted_tile = page.locator(".tile", has=page.get_by_alt_text("DSCN0010.jpg"))
     await deleted_tile.get_by_role("button", name="Delete").click()
+    await expect(page.locator("#messages")).to_contain_text("Moved DSCN0010.jpg to the trash.")
     await expect(page.locator(".tile")).to_have_count(len(PHOTOS) - 1)
     await expect(page.locator("#count")).to_have_text("2 images")
 
@@ -260,7 +253,6 @@ async def test_upload_three_photos_then_delete_one(
 
     assert portrait["height"] > portrait["width"], portrait
     assert phone_overflow == 0
-    assert dialogs == ["Delete DSCN0010.jpg?"]
     assert console_errors == []
 
 
@@ -289,7 +281,7 @@ async def test_page_rejects_files_before_upload(
     rows = page.locator(".upload-row")
     await expect(rows).to_have_count(len(files))
     for index in range(len(files)):
-        await expect(rows.nth(index)).to_have_attribute("data-state", "failed")
+        await expect(rows.nth(index)).to_have_attribute("data-state", "rejected")
     wrong_type = "rejected: only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded"
     await expect(rows.nth(0)).to_contain_text(wrong_type)
     await expect(rows.nth(1)).to_contain_text(wrong_type)
@@ -352,7 +344,7 @@ async def test_upload_waits_while_too_many_are_pending(
     await save_screenshot(page, "8-waiting-for-pending-uploads")
     await redis.zrem(pending_key, *placeholders)
 
-    await expect(row.locator(".upload-state")).to_have_text("uploaded")
+    await expect(row.locator(".upload-state")).to_have_text("ready")
     await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=1)
     # Chromium logs every 429 response as a console error, and nothing else may appear.
     assert console_errors
@@ -372,13 +364,19 @@ async def test_tile_opens_viewer_with_display_image(
 
     await page.locator(".tile a.frame").click()
     await expect(page).to_have_url(re.compile(rf"{re.escape(base_url)}/images/\w+/view"))
-    display = page.locator("img.display")
+    await expect(page.locator(".overlay")).to_be_visible()
     await page.wait_for_function("() => document.querySelector('img.display').naturalWidth > 0")
-    size = await display.evaluate(
+    size = await page.locator("img.display").evaluate(
         "(image) => ({width: image.naturalWidth, height: image.naturalHeight})"
     )
+    await expect(page.locator(".viewer-info")).to_contain_text("Portrait_6.jpg")
+    await expect(page.locator(".viewer-info")).to_contain_text("1200 × 1800 px")
     await save_screenshot(page, "9-viewer")
-    await page.get_by_role("link", name="← All photos").click()
+
+    await page.reload()
+    await expect(page.locator(".overlay")).to_have_count(0)
+    await expect(page.locator(".viewer-page img.display")).to_be_visible()
+    await page.get_by_role("link", name="Close and go back to all photos").click()
     await expect(page).to_have_url(f"{base_url}/images")
 
     assert size == {"width": 1067, "height": 1600}
@@ -425,12 +423,10 @@ async def test_delete_in_two_tabs_removes_stale_tile(
     other_tab = await page.context.new_page()
     await other_tab.goto(f"{base_url}/images")
     await other_tab.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(photos))
-    page.on("dialog", lambda dialog: dialog.accept())
-    other_tab.on("dialog", lambda dialog: dialog.accept())
     delete_statuses: list[int] = []
 
     def record_delete_response(response: Response) -> None:
-        if response.request.method == "DELETE":
+        if response.url.endswith("/trash"):
             delete_statuses.append(response.status)
 
     page.on("response", record_delete_response)
@@ -572,6 +568,8 @@ async def sign_up(page: Page, base_url: str) -> str:
     await page.get_by_label("Password").fill(TEST_PASSWORD)
     await page.get_by_role("button", name="Sign up").click()
     await expect(page).to_have_url(f"{base_url}/images")
+    # upload.js shows the picker once it listens for files, so files chosen now are seen.
+    await expect(page.locator("#picker-row")).to_be_visible()
     return username
 
 

@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import index, metrics, quotas, storage
+from gallery import index, metrics, quotas, storage, trash
 from gallery.imaging import ImageRejected, Renditions, make_renditions
 from gallery.index import Upload
 
@@ -235,3 +235,23 @@ async def _store_image(
             cache_control=storage.RENDITION_CACHE_CONTROL,
         )
     return len(data) + sum(len(body) for body in bodies)
+
+
+async def purge_trash(ctx: dict[str, Any]) -> int:
+    """Delete forever the images kept in the trash longer than the retention period.
+
+    Runs once per hour however many workers run: the first to claim the hour's lock in Redis
+    does the work. Returns how many images it deleted.
+    """
+    redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
+    hour = int(time.time() // 3600)
+    if not await redis.set(f"{index.PREFIX}:lock:purge-trash:{hour}", "1", nx=True, ex=7200):
+        return 0
+    deleted = await trash.purge_expired(redis, store, retention_days=settings.trash_retention_days)
+    if deleted:
+        logger.info(
+            "purged %d images kept in the trash over %d days",
+            deleted,
+            settings.trash_retention_days,
+        )
+    return deleted

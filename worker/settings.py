@@ -20,7 +20,7 @@ from gallery.logs import log_job
 from gallery.metrics import timed_job
 from gallery.settings import Settings
 from gallery.storage import Storage
-from worker.jobs import MAX_TRIES, make_pool, verify_upload
+from worker.jobs import MAX_TRIES, make_pool, purge_trash, verify_upload
 from worker.share_purge import purge_shares
 from worker.sweep import sweep_uploads
 
@@ -105,6 +105,7 @@ def make_worker(settings: Settings, **overrides: Any) -> Worker:
         "cron_jobs": [
             cron(log_job(timed_job(sweep_uploads)), second=seconds),
             cron(log_job(timed_job(purge_shares)), second=30),
+            cron(log_job(timed_job(purge_trash)), minute=7, second=30),
         ],
         **overrides,
     }

@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gallery import accounts, errors, health, images, metrics, share_pages
+from gallery import accounts, errors, health, images, metrics, plain_upload, share_pages, trash
 from gallery.logs import request_log_middleware
 from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SessionConfig
@@ -91,6 +91,8 @@ def create_app(settings: Settings) -> Litestar:
             images.router,
             share_pages.owner_router,
             share_pages.public_router,
+            plain_upload.router,
+            trash.router,
             create_static_files_router(path="/static", directories=[PROJECT_ROOT / "static"]),
         ],
         dependencies={

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis
-from litestar import Request, Response, Router, delete, get, post
+from litestar import HttpMethod, Request, Response, Router, delete, get, post, route
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody
@@ -22,30 +23,19 @@ from litestar.status_codes import (
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
-from gallery import index, jobs, limits, metrics, quotas, shares, storage
+from gallery import index, jobs, limits, metrics, quotas, storage, trash
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
 from gallery.storage import Storage
+from gallery.tiles import RENDITION_TYPE, make_tiles
 
 logger = logging.getLogger(__name__)
 
 MAX_FILENAME_LENGTH = 255
 
-# The type of every rendition the worker makes.
-RENDITION_TYPE = "image/webp"
-
 # Seconds in the Retry-After header when too many uploads are pending.
 PENDING_RETRY_SECONDS = 5
-
-
-@dataclass(frozen=True)
-class Tile:
-    """An upload as the grid shows it, with its thumbnail URLs once it is ready."""
-
-    upload: Upload
-    thumbnail_url: str | None = None
-    thumbnail_2x_url: str | None = None
 
 
 @dataclass
@@ -55,28 +45,7 @@ class UploadRequest:
     size: int
 
 
-async def make_tiles(uploads: list[Upload], store: Storage) -> list[Tile]:
-    """Make the tiles for uploads, with 1x and 2x thumbnail URLs for the ready ones.
-
-    The URLs are signed in process, so this sends no request to S3. Inside one URL window
-    they are the same on every call, so the browser shows its cached thumbnails.
-    """
-    tiles = []
-    for upload in uploads:
-        if upload.state != State.READY:
-            tiles.append(Tile(upload))
-            continue
-        url = await store.presign_get(
-            storage.thumbnail_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
-        )
-        url_2x = await store.presign_get(
-            storage.thumbnail_2x_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
-        )
-        tiles.append(Tile(upload, url, url_2x))
-    return tiles
-
-
-async def _owned_upload(
+async def owned_upload(
     redis: ArqRedis, user_id: str, image_id: str, *, ready: bool = False
 ) -> Upload:
     """Return the user's upload, or raise 404 when it is another's, missing, or not ready."""
@@ -106,8 +75,13 @@ async def list_images(
     store: NamedDependency[Storage],
     settings: NamedDependency[Settings],
     before: FromQuery[str | None] = None,
+    trashed: FromQuery[str | None] = None,
 ) -> Template:
-    """Render the gallery page, or with `before` and HX-Request only the next page of tiles."""
+    """Render the gallery page, or with `before` and HX-Request only the next page of tiles.
+
+    `trashed` names an image just moved to the trash by a form without JavaScript, for the
+    message with Undo; it shows only when it names a trashed image of this user.
+    """
     user_id = _user_id(request)
     uploads, next_cursor = await index.list_grid(
         redis, user_id, before=before, limit=settings.page_size
@@ -119,21 +93,106 @@ async def list_images(
         "user": current_user(request),
         "settings": settings,
         "allowed_types": storage.ALLOWED_UPLOAD_TYPES,
+        "trashed": await _trashed_upload(redis, user_id, trashed),
     }
     if request.htmx and before:
         return HTMXTemplate(template_name="_grid_page.html", context=context)
-    context |= await _upload_limits(redis, user_id, settings)
+    context |= await upload_limits(redis, user_id, settings)
     return Template("gallery.html", context=context)
 
 
-async def _upload_limits(redis: ArqRedis, user_id: str, settings: Settings) -> dict[str, Any]:
+async def upload_limits(redis: ArqRedis, user_id: str, settings: Settings) -> dict[str, Any]:
     """Return the upload page's quota line and the largest file a form may be signed for."""
     quota, usage = await quotas.get_quota_and_usage(redis, user_id, settings)
     space_left = usage.space_left(quota)
     largest = settings.max_upload_bytes
     if space_left is not None:
         largest = min(largest, space_left)
-    return {"quota_text": quotas.describe(quota, usage), "max_file_bytes": largest}
+    return {
+        "quota_text": quotas.describe(quota, usage),
+        "max_file_bytes": largest,
+        "max_mib": format_mib(largest),
+    }
+
+
+class UploadRefused(Exception):
+    """A form request over a limit, with the message for the user and the HTTP status.
+
+    `retry_after` is the seconds until a retry can succeed, or None when waiting does not
+    help, as for a full quota.
+    """
+
+    def __init__(self, message: str, status_code: int, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+    def response(self) -> Response[dict[str, Any]]:
+        """Return the JSON response that upload.js reads the message from."""
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else {}
+        body = {"error": self.message}
+        return Response(body, status_code=self.status_code, headers=headers)
+
+
+async def issue_upload(
+    redis: ArqRedis,
+    store: Storage,
+    settings: Settings,
+    user_id: str,
+    *,
+    filename: str,
+    content_type: str | None,
+    max_bytes: int,
+    redirect_url: Callable[[str], str] | None = None,
+) -> tuple[Upload, storage.UploadForm]:
+    """Record an upload and sign its form, within the user's rate and pending limits.
+
+    `redirect_url` makes the S3 redirect URL from the upload id, for a form without
+    JavaScript. Raises UploadRefused when a limit is reached.
+    """
+    limit_name = f"upload-forms:{user_id}"
+    wait = await limits.seconds_until_allowed(redis, limit_name, settings.upload_forms_per_minute)
+    if wait:
+        logger.warning("user %s is over the upload form rate limit", user_id)
+        message = f"Too many uploads at once. Wait {wait} seconds, then try again."
+        raise UploadRefused(message, HTTP_429_TOO_MANY_REQUESTS, wait)
+    await limits.record(redis, limit_name, window_seconds=60)
+    try:
+        upload = await index.create_upload(
+            redis,
+            user_id=user_id,
+            filename=filename,
+            content_type=content_type or "",
+            max_bytes=max_bytes,
+            form_seconds=settings.upload_form_seconds,
+            max_pending=settings.max_pending_uploads,
+        )
+    except index.TooManyPendingUploads:
+        logger.warning("user %s has %d uploads pending", user_id, settings.max_pending_uploads)
+        message = (
+            f"{settings.max_pending_uploads} uploads are still being checked. "
+            "Wait for them to finish, then try again."
+        )
+        raise UploadRefused(message, HTTP_429_TOO_MANY_REQUESTS, PENDING_RETRY_SECONDS) from None
+    try:
+        await quotas.reserve(redis, settings, user_id, upload.id, max_bytes, upload.form_expires_at)
+    except quotas.OverQuota as over:
+        await index.delete_upload(redis, upload)
+        logger.warning("user %s is over quota: %s", user_id, over)
+        message = f"This file does not fit in your quota. {over} Delete images to free space."
+        raise UploadRefused(message, HTTP_403_FORBIDDEN) from None
+    form = await store.presign_upload(
+        storage.incoming_key(user_id, upload.id),
+        content_type=content_type,
+        owner=user_id,
+        max_bytes=max_bytes,
+        expires_in=settings.upload_form_seconds,
+        redirect_url=redirect_url(upload.id) if redirect_url else None,
+    )
+    logger.info("issued upload form %s for user %s", upload.id, user_id)
+    await metrics.count(redis, "gallery_upload_forms_issued_total")
+    return upload, form
 
 
 @post("/uploads", name="images:create-upload")
@@ -145,62 +204,43 @@ async def create_upload(
     settings: NamedDependency[Settings],
 ) -> Response[dict[str, Any]]:
     """Sign a POST form for one file; the browser sends the file to S3 with it."""
-    user_id = _user_id(request)
     problem = _check_upload_request(data, settings)
     if problem:
         return Response({"error": problem}, status_code=HTTP_400_BAD_REQUEST)
-
-    limit_name = f"upload-forms:{user_id}"
-    wait = await limits.seconds_until_allowed(redis, limit_name, settings.upload_forms_per_minute)
-    if wait:
-        logger.warning("user %s is over the upload form rate limit", user_id)
-        message = f"Too many uploads at once. Wait {wait} seconds, then try again."
-        return _too_many_requests(message, wait)
-    await limits.record(redis, limit_name, window_seconds=60)
     try:
-        upload = await index.create_upload(
+        upload, form = await issue_upload(
             redis,
-            user_id=user_id,
+            store,
+            settings,
+            _user_id(request),
             filename=clean_filename(data.filename),
             content_type=data.content_type,
             # The form accepts exactly the size the page reported, so S3 refuses any other.
             max_bytes=data.size,
-            form_seconds=settings.upload_form_seconds,
-            max_pending=settings.max_pending_uploads,
         )
-    except index.TooManyPendingUploads:
-        logger.warning("user %s has %d uploads pending", user_id, settings.max_pending_uploads)
-        message = (
-            f"{settings.max_pending_uploads} uploads are still being checked. "
-            "Wait for them to finish, then try again."
-        )
-        return _too_many_requests(message, PENDING_RETRY_SECONDS)
-    try:
-        await quotas.reserve(
-            redis, settings, user_id, upload.id, upload.max_bytes, upload.form_expires_at
-        )
-    except quotas.OverQuota as over:
-        await index.delete_upload(redis, upload)
-        logger.warning("user %s is over quota: %s", user_id, over)
-        message = f"This file does not fit in your quota. {over} Delete images to free space."
-        return Response({"error": message}, status_code=HTTP_403_FORBIDDEN)
-    form = await store.presign_upload(
-        storage.incoming_key(user_id, upload.id),
-        content_type=upload.content_type,
-        owner=user_id,
-        max_bytes=upload.max_bytes,
-        expires_in=settings.upload_form_seconds,
-    )
-    logger.info("issued upload form %s for user %s", upload.id, user_id)
-    await metrics.count(redis, "gallery_upload_forms_issued_total")
-    complete_url = request.app.route_reverse("images:complete-upload", upload_id=upload.id)
-    body = {"id": upload.id, "url": form.url, "fields": form.fields, "complete_url": complete_url}
+    except UploadRefused as refused:
+        return refused.response()
+    body = {
+        "id": upload.id,
+        "url": form.url,
+        "fields": form.fields,
+        "expires_at": upload.form_expires_at,
+        "complete_url": request.app.route_reverse("images:complete-upload", upload_id=upload.id),
+        "cancel_url": request.app.route_reverse("images:cancel-upload", upload_id=upload.id),
+    }
     return Response(body)
 
 
-def _too_many_requests(message: str, retry_after: int) -> Response[dict[str, Any]]:
-    headers = {"Retry-After": str(retry_after)}
-    return Response({"error": message}, status_code=HTTP_429_TOO_MANY_REQUESTS, headers=headers)
+async def _trashed_upload(redis: ArqRedis, user_id: str, image_id: str | None) -> Upload | None:
+    if not image_id:
+        return None
+    upload = await index.get_owned_upload(redis, user_id, image_id)
+    return upload if upload is not None and upload.state == State.TRASHED else None
+
+
+def format_mib(size: int) -> str:
+    """Return a byte count in MiB as the pages name limits, such as "25" or "2.5"."""
+    return f"{round(size / (1024 * 1024), 1):g}"
 
 
 def clean_filename(filename: str) -> str:
@@ -216,8 +256,7 @@ def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None
     if data.content_type not in storage.ALLOWED_UPLOAD_TYPES:
         return "Only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded."
     if not 1 <= data.size <= settings.max_upload_bytes:
-        limit_mib = settings.max_upload_bytes / (1024 * 1024)
-        return f"Files must be between 1 byte and {limit_mib:g} MiB."
+        return f"Files must be between 1 byte and {format_mib(settings.max_upload_bytes)} MiB."
     return None
 
 
@@ -251,11 +290,29 @@ async def show_tile(
     store: NamedDependency[Storage],
 ) -> Template | Redirect:
     """Render one tile; a tile still processing polls this until its job is done."""
-    upload = await _owned_upload(redis, _user_id(request), image_id)
+    upload = await owned_upload(redis, _user_id(request), image_id)
     if not request.htmx:
         return Redirect(request.app.route_reverse("images:gallery"))
     tiles = await make_tiles([upload], store)
     return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]})
+
+
+@delete("/uploads/{upload_id:str}", name="images:cancel-upload", status_code=HTTP_200_OK)
+async def cancel_upload(
+    request: Request[Any, Any, Any],
+    upload_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Response[str]:
+    """Drop an upload whose file was never reported done, with any object already posted.
+
+    The page sends this when the user cancels, and before it retries with a new form.
+    """
+    upload = await index.get_owned_upload(redis, _user_id(request), upload_id)
+    if upload is None or upload.state != State.ISSUED:
+        raise NotFoundException("No such upload waiting for its file.")
+    await trash.delete_forever(redis, store, upload)
+    return Response("", media_type="text/plain")
 
 
 @get("/images/{image_id:str}/view", name="images:view")
@@ -264,14 +321,47 @@ async def view_image(
     image_id: FromPath[str],
     redis: NamedDependency[ArqRedis],
     store: NamedDependency[Storage],
+    settings: NamedDependency[Settings],
 ) -> Template:
-    """Show one image at display size, with its name and a download link."""
-    upload = await _owned_upload(redis, _user_id(request), image_id, ready=True)
-    display_url = await store.presign_get(
-        storage.display_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
-    )
-    context = {"upload": upload, "display_url": display_url, "user": current_user(request)}
+    """Show one image at display size, or how far its check has got while it is not ready.
+
+    From a tile or a step in the overlay, htmx gets the overlay alone; opened by its URL,
+    it is a page, which refreshes itself while the image is being checked.
+    """
+    upload = await owned_upload(redis, _user_id(request), image_id)
+    context: dict[str, Any] = {"upload": upload, "user": current_user(request)}
+    if upload.state != State.READY:
+        return Template("status.html", context=context)
+
+    newer, older = await index.grid_neighbours(redis, upload.user_id, upload.id)
+    display_width, display_height = fit_within(upload.width, upload.height, settings.display_size)
+    context |= {
+        "display_url": await store.presign_get(
+            storage.display_key(upload.user_id, upload.id), content_type=RENDITION_TYPE
+        ),
+        "newer": newer,
+        "older": older,
+        "display_width": display_width,
+        "display_height": display_height,
+        "size_text": format_size(upload.size),
+        "overlay": request.headers.get("x-viewer") == "overlay",
+    }
+    if request.htmx and not request.htmx.history_restore_request:
+        return HTMXTemplate(template_name="_viewer.html", context=context)
     return Template("view.html", context=context)
+
+
+def fit_within(width: int, height: int, box: int) -> tuple[int, int]:
+    """Return the size of an image scaled to fit a square box, never enlarged."""
+    scale = min(1.0, box / max(width, height, 1))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def format_size(size: int) -> str:
+    """Return a byte count as people read it: "812 KiB" or "3.4 MiB"."""
+    if size < 1024 * 1024:
+        return f"{max(1, round(size / 1024))} KiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
 
 
 @get("/images/{image_id:str}/original", name="images:original")
@@ -282,7 +372,7 @@ async def download_original(
     store: NamedDependency[Storage],
 ) -> Redirect:
     """Send the browser to a short-lived URL that downloads the original file."""
-    upload = await _owned_upload(redis, _user_id(request), image_id, ready=True)
+    upload = await owned_upload(redis, _user_id(request), image_id, ready=True)
     url = await store.presign_get(
         storage.original_key(upload.user_id, upload.id),
         content_type=upload.content_type,
@@ -291,22 +381,30 @@ async def download_original(
     return Redirect(url)
 
 
-@delete("/images/{image_id:str}", name="images:delete", status_code=HTTP_200_OK)
+@route(
+    "/images/{image_id:str}",
+    http_method=[HttpMethod.DELETE, HttpMethod.POST],
+    name="images:delete",
+    status_code=HTTP_200_OK,
+)
 async def delete_image(
     request: HTMXRequest,
     image_id: FromPath[str],
     redis: NamedDependency[ArqRedis],
     store: NamedDependency[Storage],
-) -> Response[str]:
-    """Delete an image's objects and index entry; htmx swaps the tile for the empty body."""
-    user_id = _user_id(request)
-    upload = await _owned_upload(redis, user_id, image_id)
-    await store.delete(storage.image_keys(user_id, upload.id))
-    await index.delete_upload(redis, upload)
-    await quotas.release(redis, user_id, upload.id)
-    await shares.remove_image(redis, upload.id)
-    logger.info("deleted image %s of user %s", upload.id, user_id)
-    return Response("", media_type="text/html")
+) -> Response[str] | Redirect:
+    """Delete an image forever, whatever its state; htmx swaps its element for the empty body.
+
+    POST is for the trash page's form without JavaScript, which cannot send DELETE.
+    """
+    upload = await owned_upload(redis, _user_id(request), image_id)
+    await trash.delete_forever(redis, store, upload)
+    if not request.htmx:
+        return Redirect(request.app.route_reverse("trash:list"), status_code=HTTP_303_SEE_OTHER)
+    # An image in the trash had already left the grid's count.
+    in_grid = upload.state != State.TRASHED
+    headers = trash.count_changed(-1) if in_grid else {}
+    return Response("", media_type="text/html", headers=headers)
 
 
 router = Router(
@@ -316,6 +414,7 @@ router = Router(
         list_images,
         create_upload,
         complete_upload,
+        cancel_upload,
         show_tile,
         view_image,
         download_original,

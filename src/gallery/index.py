@@ -29,6 +29,7 @@ class State(StrEnum):
     VERIFYING = "verifying"  # a worker is checking the file and making the renditions
     READY = "ready"
     REJECTED = "rejected"
+    TRASHED = "trashed"  # deleted from the grid; restorable until the trash is purged
 
 
 # The states in which a worker still owes the upload some work.
@@ -60,6 +61,8 @@ class Upload:
     updated_at: float = 0.0
     # How many times a worker has started verifying this upload.
     attempts: int = 0
+    # When the owner moved the image to the trash, as a Unix time; 0 when it is not there.
+    trashed_at: float = 0.0
 
     @property
     def is_processing(self) -> bool:
@@ -74,9 +77,17 @@ def _grid_key(user_id: str) -> str:
     return f"{PREFIX}:grid:{user_id}"
 
 
+def _trash_key(user_id: str) -> str:
+    """Return the key of a user's trash: a sorted set of image ids scored by trashed_at."""
+    return f"{PREFIX}:trash:{user_id}"
+
+
 # Unfinished uploads, scored by when the sweep should next look at them: an issued upload
 # when its form expires, an uploaded or verifying one SWEEP_AFTER_SECONDS after it got there.
 PENDING_KEY = f"{PREFIX}:pending"
+
+# Every user's trashed images, scored by trashed_at, so one purge finds the expired ones.
+TRASHED_KEY = f"{PREFIX}:trashed"
 
 
 def _user_pending_key(user_id: str) -> str:
@@ -145,6 +156,26 @@ if ARGV[2] ~= 'ready' then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
   redis.call('ZADD', KEYS[4], '+inf', ARGV[1])
 end
+return 1
+"""
+
+# Only a ready image goes to the trash, and only a trashed one comes back, so a repeated
+# or crossed request changes nothing.
+_TRASH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'ready' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'trashed', 'trashed_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+return 1
+"""
+
+_UNTRASH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'trashed' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'ready', 'trashed_at', '0.0', 'updated_at', ARGV[2])
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 
@@ -341,14 +372,71 @@ async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
 
 
 async def delete_upload(redis: Redis, upload: Upload) -> bool:
-    """Remove an upload's record and grid entry; False when it was already gone."""
+    """Remove an upload's record, grid and trash entries; False when it was already gone."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(_record_key(upload.id))
         pipe.zrem(_grid_key(upload.user_id), upload.id)
         pipe.zrem(PENDING_KEY, upload.id)
         pipe.zrem(_user_pending_key(upload.user_id), upload.id)
+        pipe.zrem(_trash_key(upload.user_id), upload.id)
+        pipe.zrem(TRASHED_KEY, upload.id)
         deleted, *_ = await pipe.execute()
     return bool(deleted)
+
+
+async def trash_upload(redis: Redis, upload: Upload, *, now: float | None = None) -> bool:
+    """Move a ready image from its owner's grid to the trash; False when it was not ready."""
+    trashed_at = time.time() if now is None else now
+    keys = (
+        _record_key(upload.id),
+        _grid_key(upload.user_id),
+        _trash_key(upload.user_id),
+        TRASHED_KEY,
+    )
+    moved = await redis.eval(_TRASH, len(keys), *keys, upload.id, repr(trashed_at))
+    if moved:
+        upload.state, upload.trashed_at = State.TRASHED, trashed_at
+    return bool(moved)
+
+
+async def untrash_upload(redis: Redis, upload: Upload) -> bool:
+    """Move a trashed image back into its owner's grid; False when it was not in the trash."""
+    keys = (
+        _record_key(upload.id),
+        _grid_key(upload.user_id),
+        _trash_key(upload.user_id),
+        TRASHED_KEY,
+    )
+    moved = await redis.eval(_UNTRASH, len(keys), *keys, upload.id, repr(time.time()))
+    if moved:
+        upload.state, upload.trashed_at = State.READY, 0.0
+    return bool(moved)
+
+
+async def list_trash(redis: Redis, user_id: str, *, limit: int) -> list[Upload]:
+    """Return up to `limit` of a user's trashed images, the most recently trashed first."""
+    ids = await redis.zrange(_trash_key(user_id), 0, limit - 1, desc=True)
+    return await get_uploads(redis, [raw.decode() for raw in ids])
+
+
+async def count_trash(redis: Redis, user_id: str) -> int:
+    return await redis.zcard(_trash_key(user_id))
+
+
+async def expired_trash(redis: Redis, cutoff: float, *, limit: int = 1000) -> list[Upload]:
+    """Return trashed images of every user that went to the trash before the cutoff.
+
+    Ids whose record is gone are dropped from the set on the way.
+    """
+    ids = await redis.zrangebyscore(TRASHED_KEY, "-inf", cutoff, start=0, num=limit)
+    uploads = []
+    for raw in ids:
+        upload = await get_upload(redis, raw.decode())
+        if upload is None:
+            await redis.zrem(TRASHED_KEY, raw)
+        else:
+            uploads.append(upload)
+    return uploads
 
 
 async def list_grid(
@@ -397,3 +485,27 @@ async def processing_owners(redis: Redis, upload_ids: list[str]) -> list[str | N
         waiting = user_id is not None and state is not None and state.decode() in PROCESSING_STATES
         owners.append(user_id.decode() if waiting else None)
     return owners
+
+
+async def grid_neighbours(
+    redis: Redis, user_id: str, image_id: str
+) -> tuple[str | None, str | None]:
+    """Return the ids next to an image in its owner's grid: the newer one, then the older one.
+
+    Either is None at the grid's end. The image need not be in the grid itself.
+    """
+    newer = await redis.zrange(_grid_key(user_id), f"({image_id}", "+", bylex=True, offset=0, num=1)
+    older = await redis.zrange(
+        _grid_key(user_id), f"({image_id}", "-", desc=True, bylex=True, offset=0, num=1
+    )
+    return (newer[0].decode() if newer else None, older[0].decode() if older else None)
+
+
+async def set_type_and_name(
+    redis: Redis, upload: Upload, *, content_type: str, filename: str
+) -> None:
+    """Record the type and name of a file posted without either pinned in its form."""
+    await redis.hset(
+        _record_key(upload.id), mapping={"content_type": content_type, "filename": filename}
+    )
+    upload.content_type, upload.filename = content_type, filename

@@ -74,6 +74,10 @@ class Settings:
     display_size: int = 1600
     rendition_quality: int = 80
     page_size: int = 60
+    # Uploads one page sends to S3 at once; the others wait in its list.
+    parallel_uploads: int = 3
+    # Days an image stays in the trash before the worker deletes it forever.
+    trash_retention_days: int = 30
 
     # Abuse limits
     # Uploads per user that may wait for verification at once (issued or uploaded).
@@ -163,6 +167,8 @@ class Settings:
             "display_size",
             "thumbnail_size",
             "page_size",
+            "parallel_uploads",
+            "trash_retention_days",
             "port",
             "max_pending_uploads",
             "upload_forms_per_minute",

@@ -283,22 +283,35 @@ class Storage:
         return {tag["Key"]: tag["Value"] for tag in response["TagSet"]}
 
     async def presign_upload(
-        self, key: str, *, content_type: str, owner: str, max_bytes: int, expires_in: int
+        self,
+        key: str,
+        *,
+        content_type: str | None,
+        owner: str,
+        max_bytes: int,
+        expires_in: int,
+        redirect_url: str | None = None,
     ) -> UploadForm:
-        """Sign a POST form that accepts one file of one exact type at exactly this key."""
-        if content_type not in ALLOWED_UPLOAD_TYPES:
+        """Sign a POST form that accepts one file at exactly this key.
+
+        With a `content_type`, the form pins that one type. Without one, for a plain HTML
+        form whose file type is unknown until it is posted, the form carries no type, and
+        the caller must check the type S3 stored before it trusts the object. With a
+        `redirect_url`, S3 sends the browser there after the upload (303), pinned exactly.
+        """
+        if content_type is not None and content_type not in ALLOWED_UPLOAD_TYPES:
             raise ValueError(f"content type {content_type!r} is not one of {ALLOWED_UPLOAD_TYPES}")
-        fields = {
-            "Content-Type": content_type,
-            "x-amz-meta-owner": owner,
-            "success_action_status": "201",
-        }
+        fields = {"x-amz-meta-owner": owner}
+        if content_type is not None:
+            fields["Content-Type"] = content_type
+        if redirect_url is None:
+            fields["success_action_status"] = "201"
+        else:
+            fields["success_action_redirect"] = redirect_url
         # generate_presigned_post adds the exact bucket and key conditions itself.
         conditions: list[Any] = [
             ["content-length-range", 1, max_bytes],
-            {"Content-Type": content_type},
-            {"x-amz-meta-owner": owner},
-            {"success_action_status": "201"},
+            *({name: value} for name, value in fields.items()),
         ]
         form = await self._presign_client.generate_presigned_post(
             Bucket=self.bucket,

@@ -1,0 +1,139 @@
+"""Uploading without JavaScript: a plain form that posts to S3, which redirects back here.
+
+S3 appends `bucket`, `key` and `etag` to the redirect URL, and anyone can forge that query
+string, so it is ignored. The upload id is in the redirect URL's path, which the form's
+policy pins exactly, and the app acts only on an issued upload of the signed-in user.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from arq.connections import ArqRedis
+from litestar import Request, Router, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+from litestar.response import Redirect, Template
+from litestar.status_codes import HTTP_303_SEE_OTHER
+
+from gallery import images, index, jobs, quotas, storage
+from gallery.accounts import current_user, require_user
+from gallery.index import State, Upload
+from gallery.settings import Settings
+from gallery.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = {
+    "image/jpeg": ".jpg",
+    "image/png": ".png",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/heic": ".heic",
+    "image/heif": ".heif",
+    "image/tiff": ".tiff",
+}
+
+REASON_TYPE_NOT_ALLOWED = "only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded"
+
+
+def _user_id(request: Request[Any, Any, Any]) -> str:
+    user = current_user(request)
+    assert user is not None, "the require_user guard lets only signed-in users through"
+    return user.id
+
+
+@get("/uploads/new", name="images:upload-page")
+async def show_upload_form(
+    request: Request[Any, Any, Any],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+    settings: NamedDependency[Settings],
+) -> Template:
+    """Sign a form for one file of any allowed type and show it as a plain HTML form.
+
+    The browser does not tell S3 the file's name, so the photo is named by its upload time.
+    """
+    user_id = _user_id(request)
+    context: dict[str, Any] = {
+        "user": current_user(request),
+        "form_minutes": max(1, settings.upload_form_seconds // 60),
+        **await images.upload_limits(redis, user_id, settings),
+    }
+
+    def redirect_url(upload_id: str) -> str:
+        path = request.app.route_reverse("images:upload-done", upload_id=upload_id)
+        return f"{settings.app_url}{path}"
+
+    try:
+        _, form = await images.issue_upload(
+            redis,
+            store,
+            settings,
+            user_id,
+            filename=time.strftime("Photo %Y-%m-%d %H.%M.%S", time.gmtime()),
+            content_type=None,
+            max_bytes=context["max_file_bytes"],
+            redirect_url=redirect_url,
+        )
+    except images.UploadRefused as refused:
+        context["error"] = refused.message
+        headers = {"Retry-After": str(refused.retry_after)} if refused.retry_after else {}
+        return Template(
+            "upload.html", context=context, status_code=refused.status_code, headers=headers
+        )
+    return Template("upload.html", context=context | {"form": form})
+
+
+@get("/uploads/{upload_id:str}/done", name="images:upload-done")
+async def finish_plain_upload(
+    request: Request[Any, Any, Any],
+    upload_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
+) -> Redirect:
+    """Queue the check of a file posted with the plain form, then show its status page.
+
+    A GET, because S3 redirects the browser here. It changes only an issued upload of the
+    signed-in user, and only once its object exists, so a forged or repeated request can at
+    most queue the check that the real one would have queued.
+    """
+    upload = await images.owned_upload(redis, _user_id(request), upload_id)
+    if upload.state == State.ISSUED:
+        await _accept_posted_file(redis, store, upload)
+    status_url = request.app.route_reverse("images:view", image_id=upload.id)
+    return Redirect(status_url, status_code=HTTP_303_SEE_OTHER)
+
+
+async def _accept_posted_file(redis: ArqRedis, store: Storage, upload: Upload) -> None:
+    """Take the type S3 stored for the file, then queue the worker's check of the file.
+
+    The form pinned no type, so S3 stored the type the browser gave the file part
+    (SeaweedFS 4.48 does; a service that stores another type gets the upload rejected).
+    A type outside the allowlist is rejected here; the worker then checks that the bytes
+    decode as the type taken.
+    """
+    info = await store.head(storage.incoming_key(upload.user_id, upload.id))
+    # Not posted yet, or a forged redirect: the status page waits, and the purge job
+    # removes the upload once its form has expired.
+    if info is None:
+        return
+    content_type = info.content_type.split(";")[0].strip().lower()
+    if not await index.mark_uploaded(redis, upload):
+        return
+    await quotas.hold(redis, upload.user_id, upload.id)
+    if content_type not in storage.ALLOWED_UPLOAD_TYPES:
+        await store.delete([storage.incoming_key(upload.user_id, upload.id)])
+        await index.mark_rejected(redis, upload, REASON_TYPE_NOT_ALLOWED)
+        logger.warning("upload %s: posted type %r is not allowed", upload.id, content_type)
+        return
+    filename = upload.filename + EXTENSIONS[content_type]
+    await index.set_type_and_name(redis, upload, content_type=content_type, filename=filename)
+    await jobs.enqueue_verify(redis, upload.id)
+
+
+router = Router(
+    path="/", guards=[require_user], route_handlers=[show_upload_form, finish_plain_upload]
+)

@@ -1,0 +1,167 @@
+// Keeps the gallery and trash pages in step with htmx: the image count, error messages,
+// thumbnails whose presigned URLs expired while the page stayed open, and the viewer's
+// keyboard. Every page works without it; this only saves reloads.
+"use strict";
+
+(function () {
+  // How long a note that needs no action stays in the message area.
+  const NOTE_SECONDS = 5;
+  const MAX_MESSAGE_LENGTH = 200;
+  let noteTimer = null;
+
+  // The server renders the count with the page; this keeps it current as tiles come and go.
+  function changeCount(delta) {
+    const element = document.getElementById("count");
+    if (!element) return;
+    const count = Number(element.dataset.count) + delta;
+    element.dataset.count = count;
+    element.textContent = count + " " + (count === 1 ? element.dataset.noun : element.dataset.nouns);
+    element.hidden = count === 0;
+    document.getElementById("empty").hidden = count !== 0;
+  }
+
+  function messageElement(text, className) {
+    const paragraph = document.createElement("p");
+    paragraph.className = className;
+    if (className === "error") paragraph.setAttribute("role", "alert");
+    paragraph.textContent = text;
+    return paragraph;
+  }
+
+  function showMessage(text, className) {
+    clearTimeout(noteTimer);
+    const messages = document.getElementById("messages");
+    messages.replaceChildren(...(text ? [messageElement(text, className || "error")] : []));
+  }
+
+  function showNote(text) {
+    showMessage(text, "note");
+    noteTimer = setTimeout(() => showMessage(""), NOTE_SECONDS * 1000);
+  }
+
+  window.gallery = { changeCount, showMessage, showNote };
+
+  // The app sends HX-Trigger: {"countChanged": delta} when a tile leaves or rejoins the grid.
+  document.addEventListener("countChanged", (event) => changeCount(Number(event.detail.value)));
+
+  document.addEventListener("htmx:afterRequest", (event) => {
+    if (!event.detail.successful) return;
+    // A request the user started has succeeded, so an earlier error no longer applies.
+    // Background requests, such as a processing tile polling itself, leave it in place.
+    const trigger = event.detail.requestConfig.triggeringEvent;
+    const messages = document.getElementById("messages");
+    if (trigger && trigger.isTrusted && messages.querySelector(".error")) {
+      showMessage("");
+    }
+  });
+
+  // The htmx-config in base.html swaps 4xx and 5xx bodies into the message area. Our app
+  // answers htmx with plain text, so the text is wrapped here and never parsed as HTML.
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    const detail = event.detail;
+    if (!detail.isError) return;
+    const tile = detail.requestConfig.elt.closest(".tile");
+    // A delete, poll or refresh of a tile whose image another tab or device has deleted.
+    if (detail.xhr.status === 404 && tile && tile.isConnected) {
+      detail.shouldSwap = false;
+      tile.remove();
+      changeCount(-1);
+      showNote("That image was already deleted.");
+      return;
+    }
+    clearTimeout(noteTimer);
+    const text = (detail.xhr.responseText || "").trim();
+    const usable = text && text.length <= MAX_MESSAGE_LENGTH && !text.startsWith("<");
+    const message = usable
+      ? text
+      : "The request failed (" + detail.xhr.status + "). Reload the page and try again.";
+    detail.serverResponse = messageElement(message, "error").outerHTML;
+  });
+
+  // A network failure reaches no swap at all.
+  document.addEventListener("htmx:sendError", () => {
+    showMessage("The gallery could not be reached. Check the connection, then try again.");
+  });
+
+  // Ids of the tiles refreshed after a thumbnail error, so each is refreshed at most once
+  // per page view.
+  const refreshedTiles = new Set();
+
+  // A thumbnail that fails to load, most likely because its presigned URL expired while the
+  // page stayed open, gets its tile fetched again with fresh URLs. Image errors do not
+  // bubble, so the listener runs in the capture phase.
+  document.addEventListener(
+    "error",
+    (event) => {
+      const image = event.target;
+      if (!(image instanceof HTMLImageElement) || !image.matches(".tile img.thumbnail")) return;
+      const tile = image.closest(".tile");
+      if (!tile.dataset.tileUrl || refreshedTiles.has(tile.id)) return;
+      refreshedTiles.add(tile.id);
+      htmx.ajax("GET", tile.dataset.tileUrl, { target: tile, swap: "outerHTML" });
+    },
+    true,
+  );
+
+  // The viewer: the overlay opened from a tile, or the page opened by its URL.
+  let openedFrom = null;
+
+  function viewerFrame() {
+    return document.getElementById("viewer-frame");
+  }
+
+  function closeOverlay() {
+    const frame = viewerFrame();
+    if (!frame || !frame.classList.contains("overlay")) return false;
+    frame.remove();
+    document.body.classList.remove("viewing");
+    history.pushState({}, "", frame.querySelector(".viewer-close").href);
+    if (openedFrom && openedFrom.isConnected) openedFrom.focus();
+    return true;
+  }
+
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    if (event.detail.elt.matches(".tile a.frame")) openedFrom = event.detail.elt;
+  });
+
+  document.addEventListener("htmx:afterSwap", (event) => {
+    const frame = viewerFrame();
+    const target = event.detail.target;
+    if (!target || target.id !== "viewer" || !frame) return;
+    document.body.classList.toggle("viewing", frame.classList.contains("overlay"));
+    frame.focus();
+  });
+
+  document.addEventListener("click", (event) => {
+    const close = event.target.closest(".overlay .viewer-close");
+    if (close && closeOverlay()) event.preventDefault();
+  });
+
+  // Back from a viewer URL to the gallery's URL closes the overlay.
+  window.addEventListener("popstate", () => {
+    const frame = viewerFrame();
+    if (frame && frame.classList.contains("overlay") && !location.pathname.endsWith("/view")) {
+      frame.remove();
+      document.body.classList.remove("viewing");
+    }
+  });
+
+  const VIEWER_KEYS = { ArrowLeft: ".viewer-prev", ArrowRight: ".viewer-next" };
+
+  document.addEventListener("keydown", (event) => {
+    const frame = viewerFrame();
+    if (!frame || event.altKey || event.ctrlKey || event.metaKey) return;
+    if (event.target.closest("input, textarea, select")) return;
+    if (event.key === "Escape") {
+      event.preventDefault();
+      if (!closeOverlay()) frame.querySelector(".viewer-close").click();
+      return;
+    }
+    const selector = VIEWER_KEYS[event.key];
+    const link = selector && frame.querySelector("a" + selector);
+    if (link) {
+      event.preventDefault();
+      link.click();
+    }
+  });
+})();

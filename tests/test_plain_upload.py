@@ -1,0 +1,130 @@
+"""Uploading without JavaScript: the plain form, S3's redirect back, and cancelling uploads."""
+
+from __future__ import annotations
+
+import html
+import re
+from urllib.parse import urlsplit
+
+import httpx
+
+from gallery import index, storage
+from gallery.index import State
+from tests.support import HTMX, make_jpeg
+
+FIELD = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
+
+
+async def plain_form(client) -> tuple[str, dict[str, str]]:
+    """Open the upload page and return its form's action URL and hidden fields."""
+    page = await client.http.get("/uploads/new")
+    assert page.status_code == 200, page.text
+    action = html.unescape(
+        re.search(r'<form class="upload-form" method="post" action="([^"]+)"', page.text)[1]
+    )
+    fields = {name: html.unescape(value) for name, value in FIELD.findall(page.text)}
+    return action, fields
+
+
+async def post_file(
+    action: str, fields: dict[str, str], data: bytes, part_type: str
+) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await http.post(
+            action,
+            data=fields,
+            files={"file": ("IMG_0001.jpg", data, part_type)},
+            follow_redirects=False,
+        )
+
+
+async def test_plain_form_upload_redirects_and_becomes_ready(client, run_worker, redis, settings):
+    action, fields = await plain_form(client)
+    upload_id = fields["key"].rsplit("/", 1)[1]
+
+    posted = await post_file(action, fields, make_jpeg(), "image/jpeg")
+    location = urlsplit(posted.headers["location"])
+    done = await client.http.get(f"{location.path}?{location.query}", follow_redirects=False)
+    status = await client.http.get(done.headers["location"])
+    await run_worker()
+    view = await client.http.get(done.headers["location"])
+
+    assert posted.status_code == 303
+    assert f"{location.scheme}://{location.netloc}" == settings.app_url
+    assert location.path == f"/uploads/{upload_id}/done"
+    assert "key=" in location.query
+    assert done.status_code == 303
+    assert done.headers["location"] == f"/images/{upload_id}/view"
+    assert 'http-equiv="refresh"' in status.text
+    assert 'http-equiv="refresh"' not in view.text
+    assert 'class="display"' in view.text
+    upload = await index.get_upload(redis, upload_id)
+    assert upload.state == State.READY
+    assert upload.content_type == "image/jpeg"
+    assert upload.filename.startswith("Photo ")
+    assert upload.filename.endswith(".jpg")
+
+
+async def test_plain_form_pins_redirect_and_no_type(client, settings):
+    _, fields = await plain_form(client)
+
+    upload_id = fields["key"].rsplit("/", 1)[1]
+    assert fields["success_action_redirect"] == f"{settings.app_url}/uploads/{upload_id}/done"
+    assert "Content-Type" not in fields
+    assert "success_action_status" not in fields
+
+
+async def test_plain_form_rejects_disallowed_posted_type(client, run_worker, store, redis):
+    action, fields = await plain_form(client)
+    upload_id = fields["key"].rsplit("/", 1)[1]
+    await post_file(action, fields, b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")
+
+    await client.http.get(f"/uploads/{upload_id}/done?bucket=x&key=y&etag=z")
+
+    upload = await index.get_upload(redis, upload_id)
+    assert upload.state == State.REJECTED
+    assert "only JPEG" in upload.reason
+    assert await store.head(storage.incoming_key(upload.user_id, upload_id)) is None
+
+
+async def test_forged_redirect_changes_nothing(make_client, redis):
+    alice = await make_client()
+    bob = await make_client()
+    _, fields = await plain_form(alice)
+    upload_id = fields["key"].rsplit("/", 1)[1]
+
+    by_other_user = await bob.http.get(f"/uploads/{upload_id}/done", follow_redirects=False)
+    before_file = await alice.http.get(f"/uploads/{upload_id}/done", follow_redirects=False)
+
+    assert by_other_user.status_code == 404
+    assert before_file.status_code == 303
+    assert (await index.get_upload(redis, upload_id)).state == State.ISSUED
+    assert await redis.exists(f"arq:job:verify:{upload_id}") == 0
+
+
+async def test_cancel_drops_issued_upload_and_its_object(client, store, redis):
+    data = make_jpeg()
+    form = (await client.request_form("photo.jpg", "image/jpeg", len(data))).json()
+    async with httpx.AsyncClient(timeout=30) as http:
+        await http.post(form["url"], data=form["fields"], files={"file": ("p", data, "image/jpeg")})
+    user_id = (await index.get_upload(redis, form["id"])).user_id
+
+    cancelled = await client.http.delete(form["cancel_url"], headers={**client.csrf, **HTMX})
+    again = await client.http.delete(form["cancel_url"], headers={**client.csrf, **HTMX})
+
+    assert cancelled.status_code == 200
+    assert again.status_code == 404
+    assert await index.get_upload(redis, form["id"]) is None
+    assert await redis.zscore(index.PENDING_KEY, form["id"]) is None
+    assert await redis.zcard(f"gallery:user-pending:{user_id}") == 0
+    assert await store.head(storage.incoming_key(user_id, form["id"])) is None
+
+
+async def test_cancel_of_finished_upload_returns_404(client, run_worker, redis):
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+
+    response = await client.http.delete(f"/uploads/{upload_id}", headers={**client.csrf, **HTMX})
+
+    assert response.status_code == 404
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
