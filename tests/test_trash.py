@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from gallery import index, storage, trash
+from gallery import index, quotas, storage, trash
 from gallery.index import State
 from tests.support import HTMX, make_jpeg
 from worker.jobs import purge_trash
@@ -122,9 +122,12 @@ async def test_trashed_query_of_other_users_image_shows_nothing(make_client, run
 async def test_delete_forever_from_trash_removes_everything(client, run_worker, store, redis):
     upload_id, user_id = await ready_image(client, run_worker, redis)
     await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+    usage_in_trash = await quotas.get_usage(redis, user_id)
 
     response = await client.delete(upload_id)
 
+    assert usage_in_trash.images == 1
+    assert (await quotas.get_usage(redis, user_id)).images == 0
     assert response.status_code == 200
     assert "hx-trigger" not in response.headers
     assert await keys_present(store, user_id, upload_id) == []
