@@ -87,6 +87,13 @@
   // per page view.
   const refreshedTiles = new Set();
 
+  function refreshTile(image) {
+    const tile = image.closest(".tile");
+    if (!tile.dataset.tileUrl || refreshedTiles.has(tile.id)) return;
+    refreshedTiles.add(tile.id);
+    htmx.ajax("GET", tile.dataset.tileUrl, { target: tile, swap: "outerHTML" });
+  }
+
   // A thumbnail that fails to load, most likely because its presigned URL expired while the
   // page stayed open, gets its tile fetched again with fresh URLs. Image errors do not
   // bubble, so the listener runs in the capture phase.
@@ -94,17 +101,21 @@
     "error",
     (event) => {
       const image = event.target;
-      if (!(image instanceof HTMLImageElement) || !image.matches(".tile img.thumbnail")) return;
-      const tile = image.closest(".tile");
-      if (!tile.dataset.tileUrl || refreshedTiles.has(tile.id)) return;
-      refreshedTiles.add(tile.id);
-      htmx.ajax("GET", tile.dataset.tileUrl, { target: tile, swap: "outerHTML" });
+      if (image instanceof HTMLImageElement && image.matches(".tile img.thumbnail")) {
+        refreshTile(image);
+      }
     },
     true,
   );
 
+  // A thumbnail can fail before this deferred script runs, and then no error event is left.
+  document.addEventListener("DOMContentLoaded", () => {
+    for (const image of document.querySelectorAll(".tile img.thumbnail")) {
+      if (image.complete && image.naturalWidth === 0 && image.currentSrc) refreshTile(image);
+    }
+  });
+
   // The viewer: the overlay opened from a tile, or the page opened by its URL.
-  let openedFrom = null;
 
   function viewerFrame() {
     return document.getElementById("viewer-frame");
@@ -116,13 +127,11 @@
     frame.remove();
     document.body.classList.remove("viewing");
     history.pushState({}, "", frame.querySelector(".viewer-close").href);
-    if (openedFrom && openedFrom.isConnected) openedFrom.focus();
+    // Focus goes to the tile of the image last shown, so the keyboard user keeps their place.
+    const link = document.querySelector("#tile-" + frame.dataset.imageId + " a.frame");
+    if (link) link.focus();
     return true;
   }
-
-  document.addEventListener("htmx:beforeRequest", (event) => {
-    if (event.detail.elt.matches(".tile a.frame")) openedFrom = event.detail.elt;
-  });
 
   document.addEventListener("htmx:afterSwap", (event) => {
     const frame = viewerFrame();
@@ -159,9 +168,11 @@
     }
     const selector = VIEWER_KEYS[event.key];
     const link = selector && frame.querySelector("a" + selector);
-    if (link) {
-      event.preventDefault();
-      link.click();
-    }
+    if (!link) return;
+    event.preventDefault();
+    // Requested here rather than by clicking the link, because htmx takes over a swapped-in
+    // link only after settling, and a click before that would load the whole page.
+    const headers = frame.classList.contains("overlay") ? { "X-Viewer": "overlay" } : {};
+    htmx.ajax("GET", link.href, { source: link, target: "#viewer", swap: "innerHTML", headers, push: link.href });
   });
 })();

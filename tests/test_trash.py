@@ -31,7 +31,7 @@ async def test_trash_leaves_grid_keeps_objects(client, run_worker, store, redis)
 
     assert response.status_code == 200
     assert json.loads(response.headers["hx-trigger"]) == {"countChanged": -1}
-    assert f'id="tile-{upload_id}"' in response.text
+    assert f'id="trashed-{upload_id}"' in response.text
     assert "Moved beach.jpg to the trash." in response.text
     assert 'hx-swap-oob="innerHTML:#messages"' in response.text
     assert f'hx-post="/images/{upload_id}/restore"' in response.text
@@ -55,7 +55,7 @@ async def test_undo_returns_tile_to_its_place(client, run_worker, redis):
 
     response = await client.http.post(
         f"/images/{upload_id}/restore",
-        headers={**client.csrf, **HTMX, "HX-Target": f"tile-{upload_id}"},
+        headers={**client.csrf, **HTMX, "HX-Target": f"trashed-{upload_id}"},
     )
 
     assert response.status_code == 200

@@ -151,7 +151,7 @@ async def restore_image(
             return Redirect(gallery_url, status_code=HTTP_303_SEE_OTHER)
         trash_url = request.app.route_reverse("trash:list")
         return Redirect(f"{trash_url}?restored={upload.id}", status_code=HTTP_303_SEE_OTHER)
-    if request.htmx.target == f"tile-{upload.id}":
+    if request.htmx.target == f"trashed-{upload.id}":
         tiles = await make_tiles([upload], store)
         return Template("_tile.html", context={"tile": tiles[0]}, headers=count_changed(1))
     context = {"upload": upload}
