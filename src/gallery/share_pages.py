@@ -29,11 +29,11 @@ from litestar.status_codes import (
 
 from gallery import index, limits, shares, storage
 from gallery.accounts import current_user, require_user
-from gallery.images import RENDITION_TYPE, Tile, make_tiles
 from gallery.index import State, Upload
 from gallery.settings import Settings
 from gallery.shares import Share
 from gallery.storage import Storage
+from gallery.tiles import RENDITION_TYPE, Tile, make_tiles
 
 logger = logging.getLogger(__name__)
 
