@@ -92,7 +92,7 @@ async def test_viewer_shows_display_image(client, run_worker):
         assert image.size == (1600, 1067)
 
 
-async def test_viewer_of_other_or_unready_image_returns_404(make_client, run_worker):
+async def test_viewer_of_other_image_404_unready_shows_status(make_client, run_worker):
     alice = await make_client()
     bob = await make_client()
     ready_id = await alice.upload(make_jpeg())
@@ -103,7 +103,10 @@ async def test_viewer_of_other_or_unready_image_returns_404(make_client, run_wor
     unready = await alice.http.get(f"/images/{processing_id}/view")
 
     assert other.status_code == 404
-    assert unready.status_code == 404
+    # An image still being checked gets the status page, which reloads itself.
+    assert unready.status_code == 200
+    assert 'http-equiv="refresh"' in unready.text
+    assert 'class="display"' not in unready.text
 
 
 def _corpus_files(corpus_dir: Path, *folders: str) -> list[Path]:
