@@ -16,12 +16,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+from arq import create_pool
+from arq.connections import RedisSettings
 
 from gallery import index, storage
 from gallery.embedded import free_port
@@ -34,6 +37,8 @@ ABANDONED = 5
 CONCURRENCY = 10
 WEB_PROCESSES = 2
 WORKER_PROCESSES = 3
+# The Valkey database of this test's processes; the other tests use database 0.
+SCALE_DATABASE = 15
 SWEEP_SECONDS = 5
 READY_TIMEOUT_SECONDS = 240
 START_TIMEOUT_SECONDS = 60
@@ -155,10 +160,26 @@ def _sweep_runs(path: Path) -> list[dict]:
     return [line for line in _json_lines(path) if line.get("function") == "sweep_uploads"]
 
 
-async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings, redis):
+@pytest.fixture
+async def scale_redis_url(settings) -> AsyncIterator[str]:
+    """Hand over a URL of the session's Valkey with its own, emptied database.
+
+    The processes' sweeps purge every expired upload form they find, so the records that
+    other tests leave in database 0 would count as theirs.
+    """
+    url = urlunsplit(urlsplit(settings.redis_url)._replace(path=f"/{SCALE_DATABASE}"))
+    client = await create_pool(RedisSettings.from_dsn(url))
+    await client.flushdb()
+    yield url
+    await client.flushdb()
+    await client.aclose()
+
+
+async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings, scale_redis_url):
     web_ports = [free_port() for _ in range(WEB_PROCESSES)]
     shared = replace(
         settings,
+        redis_url=scale_redis_url,
         s3_bucket=f"scale-{secrets.token_hex(4)}",
         log_format="json",
         sweep_interval_seconds=SWEEP_SECONDS,
@@ -169,6 +190,7 @@ async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings
         public_url=f"http://127.0.0.1:{web_ports[0]}",
     )
     environ = shared.to_env()
+    redis = await create_pool(RedisSettings.from_dsn(scale_redis_url))
     init, init_log = spawn("init-bucket", environ, "init-bucket")
     assert init.wait(timeout=60) == 0, init_log.read_text()
 
@@ -228,7 +250,9 @@ async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings
     )
     assert ready_runs == dict.fromkeys(upload_ids, 1)
     busy = [
-        name for name, lines in job_lines.items() if any("verify_upload" in str(x) for x in lines)
+        name
+        for name, lines in job_lines.items()
+        if any(line.get("function") == "verify_upload" for line in lines)
     ]
     assert len(busy) >= 2, f"only {busy} ran verify jobs"
 
@@ -247,6 +271,7 @@ async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings
     assert purged == ABANDONED
     for upload_id in abandoned:
         assert await index.get_upload(redis, upload_id) is None
+    await redis.aclose()
 
     # Both web processes served uploads, one log line per request, and no line holds a secret.
     web_lines = {path.name: _json_lines(path) for _, path in webs}
