@@ -114,7 +114,7 @@ def test_old_and_new_name_with_different_values_fail():
 
 
 def test_require_services_names_missing_variable():
-    with pytest.raises(SettingsError, match="GALLERY_REDIS_URL is not set"):
+    with pytest.raises(SettingsError, match=r"GALLERY_REDIS_URL is not set \(nor REDIS_URL\)"):
         Settings.from_env({"GALLERY_S3_ENDPOINT_URL": "http://127.0.0.1:1"}).require_services()
 
 

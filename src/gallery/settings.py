@@ -247,7 +247,10 @@ class Settings:
         """Return these settings after checking that every service is configured."""
         for name in ("redis_url", "s3_endpoint_url", "aws_access_key_id", "aws_secret_access_key"):
             if not getattr(self, name):
-                raise SettingsError(f"{ENV_NAMES[name]} is not set")
+                also = " or ".join(STANDARD_NAMES.get(name, ()))
+                raise SettingsError(
+                    f"{ENV_NAMES[name]} is not set" + (f" (nor {also})" if also else "")
+                )
         if len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
             raise SettingsError(
                 f"GALLERY_SECRET_KEY must be set to at least {MIN_SECRET_KEY_LENGTH} "

@@ -249,7 +249,7 @@ class Storage:
         await self._client.head_bucket(Bucket=self.bucket)
 
     async def may_read_bucket_acl(self) -> bool | None:
-        """Return whether these credentials may read the bucket's ACL; None when S3 does not say.
+        """Return whether these credentials may read the bucket's ACL, or None when unknown.
 
         A read changes nothing, so `gallery doctor` can ask on any S3 service. Probing a
         write such as PutBucketPolicy with an invalid document is not safe: moto 5.2.5
