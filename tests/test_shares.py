@@ -566,6 +566,7 @@ async def test_share_views_over_rate_get_429(make_client, make_visitor, run_work
 
     assert [response.status_code for response in allowed] == [200, 200, 200]
     assert refused.status_code == 429
+    assert "Too many requests came from your address" in refused.text
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert guessed.status_code == 429
 

@@ -42,6 +42,10 @@ ERROR_TEXTS = {
     405: ErrorText(
         "This address cannot be opened that way.", "Use the links and buttons on the pages."
     ),
+    429: ErrorText(
+        "Too many requests came from your address in the last minute.",
+        "Wait a minute, then reload the page.",
+    ),
     500: ErrorText(
         "Something went wrong on our side.",
         "Try again in a moment, and if it keeps failing, tell whoever runs this gallery.",
