@@ -649,3 +649,21 @@ async def test_request_log_hides_share_token(client, visitor, run_worker, settin
 )
 def test_duration_rounds_to_largest_unit(seconds, text):
     assert format_duration(seconds) == text
+
+
+async def test_trashed_image_leaves_share_until_restored(client, visitor, run_worker):
+    kept, trashed = await upload_ready(client, run_worker, 2)
+    path = await share_path(client, [kept, trashed])
+
+    moved = await client.http.post(f"/images/{trashed}/trash", headers={**client.csrf, **HTMX})
+    while_trashed = await visitor.get(path)
+    viewer_while_trashed = await visitor.get(f"{path}/{trashed}")
+    restored = await client.http.post(f"/images/{trashed}/restore", headers={**client.csrf, **HTMX})
+    after_restore = await visitor.get(path)
+
+    assert moved.status_code == 200
+    assert kept in while_trashed.text
+    assert trashed not in while_trashed.text
+    assert viewer_while_trashed.status_code == 404
+    assert restored.status_code == 200
+    assert trashed in after_restore.text
