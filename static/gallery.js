@@ -56,7 +56,7 @@
   });
 
   // The htmx-config in base.html swaps 4xx and 5xx bodies into the message area. Our app
-  // answers htmx with plain text, so the text is wrapped here and never parsed as HTML.
+  // returns plain text to htmx, so the text is wrapped here and never parsed as HTML.
   document.addEventListener("htmx:beforeSwap", (event) => {
     const detail = event.detail;
     if (!detail.isError) return;

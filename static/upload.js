@@ -171,8 +171,8 @@
     }
   }
 
-  // Drops an upload the app issued a form for, so it holds no pending slot. Best effort:
-  // the purge job removes it anyway once its form has expired.
+  // Drops an upload the app issued a form for, so it no longer uses a pending slot. Best
+  // effort: the worker's sweep deletes it anyway once its form has expired.
   function dropForm(form) {
     if (!form) return Promise.resolve();
     return fetch(form.cancel_url, {

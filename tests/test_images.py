@@ -10,9 +10,10 @@ from dataclasses import replace
 import httpx
 import pytest
 from markupsafe import escape
-from PIL import Image
+from PIL import ExifTags, Image
 
 from gallery import index, storage
+from gallery.imaging import make_renditions
 from gallery.index import State
 from tests.support import HTMX, make_jpeg, post_to_s3, seed_grid
 from worker.jobs import verify_upload
@@ -329,3 +330,29 @@ async def test_control_characters_leave_the_filename(client, redis):
     assert upload.filename == "badnameSet-Cookie: x.jpg"
     assert only_controls.status_code == 400
     assert only_controls.json()["error"] == "The file has no name."
+
+
+def jpeg_taken_at(value: str) -> bytes:
+    """Return a small JPEG whose EXIF DateTimeOriginal is `value`."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = value
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 160)).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+async def test_viewer_shows_date_taken_from_exif(client, run_worker, redis):
+    upload_id = await client.upload(jpeg_taken_at("2021:07:04 09:30:15"), "fireworks.jpg")
+    await run_worker()
+
+    view = await client.http.get(f"/images/{upload_id}/view")
+
+    assert (await index.get_upload(redis, upload_id)).taken_at == "2021-07-04 09:30"
+    assert "taken 2021-07-04 09:30" in view.text
+
+
+@pytest.mark.parametrize("value", ["0000:00:00 00:00:00", "    :  :     :  :  ", "yesterday"])
+def test_invalid_exif_date_is_left_out(value):
+    processed = make_renditions(jpeg_taken_at(value), "image/jpeg", max_pixels=10**6)
+
+    assert processed.taken_at == ""

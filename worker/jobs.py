@@ -186,6 +186,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         height=processed.height,
         size=len(data),
         placeholder=processed.placeholder,
+        taken_at=processed.taken_at,
     )
     if not ready:
         # The owner deleted the image, or another run rejected it, while this job ran.

@@ -63,6 +63,8 @@ class Upload:
     attempts: int = 0
     # When the owner moved the image to the trash, as a Unix time; 0 when it is not there.
     trashed_at: float = 0.0
+    # When the photo was taken, as "YYYY-MM-DD HH:MM" from its EXIF; "" when unknown.
+    taken_at: str = ""
 
     @property
     def is_processing(self) -> bool:
@@ -336,6 +338,7 @@ async def mark_ready(
     height: int,
     size: int,
     placeholder: str = "",
+    taken_at: str = "",
 ) -> bool:
     """Mark an upload ready.
 
@@ -350,6 +353,7 @@ async def mark_ready(
         "height": str(height),
         "size": str(size),
         "placeholder": placeholder,
+        "taken_at": taken_at,
         "reason": "",
     }
     return await _finish(redis, upload, values)

@@ -116,8 +116,8 @@ async def _accept_posted_file(redis: ArqRedis, store: Storage, upload: Upload) -
     decode as the type taken.
     """
     info = await store.head(storage.incoming_key(upload.user_id, upload.id))
-    # Not posted yet, or a forged redirect: the status page waits, and the purge job
-    # removes the upload once its form has expired.
+    # Not posted yet, or a forged redirect: the status page waits, and the worker's sweep
+    # deletes the upload once its form has expired.
     if info is None:
         return
     content_type = info.content_type.split(";")[0].strip().lower()

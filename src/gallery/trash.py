@@ -1,7 +1,7 @@
 """The trash: images deleted from the grid, kept until restored, deleted forever or purged.
 
-`delete_forever` is the one place where an image's objects and record are removed for good;
-the delete button, the trash page and the purge job all go through it.
+`delete_forever` is the one place where an image's objects and record are removed for good.
+The delete buttons, the trash page, cancelled uploads and the purge job all go through it.
 """
 
 from __future__ import annotations

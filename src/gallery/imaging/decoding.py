@@ -5,6 +5,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from enum import StrEnum
 from io import BytesIO
 from types import MappingProxyType
@@ -245,6 +246,23 @@ def _check_heif_data_end(data: bytes) -> None:
     if data_end > len(data):
         detail = f"HEIF item data ends at byte {data_end} but the file has {len(data)} bytes"
         raise ImageRejected(RejectionReason.CORRUPT, detail)
+
+
+def read_date_taken(image: Image.Image) -> str:
+    """Return EXIF DateTimeOriginal as "YYYY-MM-DD HH:MM", or "" when missing or invalid."""
+    try:
+        exif = image.getexif()
+        value = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal)
+    except DECODE_ERRORS:
+        return ""
+    if not isinstance(value, str):
+        return ""
+    # EXIF writes "YYYY:MM:DD HH:MM:SS", and cameras without a set clock write zeros or blanks.
+    try:
+        taken = datetime.strptime(value.strip("\x00 ")[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return ""
+    return taken.strftime("%Y-%m-%d %H:%M")
 
 
 def read_orientation(image: Image.Image) -> int:

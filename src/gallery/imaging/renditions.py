@@ -22,6 +22,7 @@ from gallery.imaging.decoding import (
     fit_size,
     open_allowed_image,
     pillow_warnings_as_rejections,
+    read_date_taken,
     read_orientation,
 )
 
@@ -96,6 +97,9 @@ class Renditions:
     placeholder: str
     # True for a GIF, PNG or WebP of more than one frame. The renditions show the first frame.
     animated: bool
+    # When the photo was taken, from EXIF DateTimeOriginal, as "YYYY-MM-DD HH:MM" in the
+    # camera's local time (EXIF 2.3 has no time zone there); "" when unknown.
+    taken_at: str = ""
     # The media type of thumbnail, thumbnail_2x and display.
     rendition_type: str = "image/webp"
 
@@ -112,6 +116,8 @@ class FittedImage:
     frame_count: int
     # RGBA when the upload has an alpha channel and RGB otherwise, never enlarged.
     image: Image.Image
+    # As Renditions.taken_at.
+    taken_at: str = ""
 
 
 def make_renditions(
@@ -174,6 +180,7 @@ def make_renditions(
         display=display_webp,
         placeholder=_make_placeholder(_resize_to_fit(thumbnail, placeholder_size)),
         animated=decoded.frame_count > 1,
+        taken_at=decoded.taken_at,
     )
 
 
@@ -200,6 +207,7 @@ def decode_to_fit(
         stored_size = image.size
         decode_first_frame(image, data, draft_box or box)
         orientation = read_orientation(image)
+        taken_at = read_date_taken(image)
 
     # A draft for a `draft_box` smaller than `box` may already fit, and is never enlarged.
     size = image.size if max(image.size) <= box else fit_size(stored_size, box)
@@ -208,7 +216,7 @@ def decode_to_fit(
     image = _resize_to_fit(convert_to_resizable_mode(image), size)
     upright = _transpose_upright(convert_to_srgb(image), orientation)
     width, height = _upright_size(stored_size, orientation)
-    return FittedImage(content_type, width, height, frame_count, upright)
+    return FittedImage(content_type, width, height, frame_count, upright, taken_at)
 
 
 def _check_arguments(max_pixels: int, thumbnail_size: int, quality: int) -> None:
