@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -929,6 +929,80 @@ async def test_trash_undo_restore_and_delete_forever(
         assert await store.head(key) is None
     # Chromium logs the routed 500 as a console error; nothing else may appear.
     assert all("500" in error for error in console_errors), console_errors
+
+
+async def test_network_error_offers_retry_that_succeeds(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    settings: Settings,
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, base_url)
+    aborted: list[str] = []
+
+    async def drop_first_post(route: Route) -> None:
+        if route.request.method == "POST" and not aborted:
+            aborted.append(route.request.url)
+            await route.abort("connectionreset")
+            return
+        await route.continue_()
+
+    await page.route(f"{settings.s3_endpoint_url}/**", drop_first_post)
+    photo = {"name": "flaky.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+
+    await page.locator("#file-input").set_input_files([photo])
+
+    row = page.locator(".upload-row")
+    await expect(row.locator(".upload-state")).to_have_text("failed: network error")
+    await expect(page.locator(".tile")).to_have_count(0)
+    await row.get_by_role("button", name="Retry the upload of flaky.jpg").click()
+    await expect(row.locator(".upload-state")).to_have_text("ready")
+    await expect(page.locator(".tile")).to_have_count(1)
+    assert len(aborted) == 1
+    assert all("ERR_CONNECTION_RESET" in error for error in console_errors), console_errors
+
+
+async def test_cancel_stops_upload_and_frees_its_slot(
+    page: Page, base_url: str, settings: Settings, redis: ArqRedis
+) -> None:
+    username = await sign_up(page, base_url)
+    user_id = (await redis.get(f"gallery:username:{username.lower()}")).decode()
+    held = asyncio.Event()
+    released = asyncio.Event()
+    cancel_statuses: list[int] = []
+
+    async def hold_post(route: Route) -> None:
+        if route.request.method != "POST":
+            await route.continue_()
+            return
+        held.set()
+        await released.wait()
+        # The page's own abort may have ended the request already.
+        with suppress(Error):
+            await route.abort()
+
+    def record_cancel(response: Response) -> None:
+        if response.request.method == "DELETE":
+            cancel_statuses.append(response.status)
+
+    page.on("response", record_cancel)
+    await page.route(f"{settings.s3_endpoint_url}/**", hold_post)
+    photo = {"name": "stopped.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+    await page.locator("#file-input").set_input_files([photo])
+    async with asyncio.timeout(TIMEOUT_MS / 1000):
+        await held.wait()
+
+    await page.get_by_role("button", name="Cancel the upload of stopped.jpg").click()
+    released.set()
+
+    await expect(page.locator(".upload-row .upload-state")).to_have_text("cancelled")
+    await wait_for_length(cancel_statuses, 1)
+    assert cancel_statuses == [200]
+    assert await redis.zcard(f"gallery:user-pending:{user_id}") == 0
+    await page.reload()
+    await expect(page.locator("#empty")).to_be_visible()
+    assert await page.locator(".tile").count() == 0
 
 
 def webp_thumbnail() -> bytes:
