@@ -39,6 +39,9 @@ def test_empty_environment_gives_defaults():
     ("name", "value", "message"),
     [
         ("GALLERY_PORT", "eighty", "GALLERY_PORT='eighty' is invalid: expected an integer"),
+        ("GALLERY_PORT", "70000", "GALLERY_PORT=70000 is invalid: expected a port from 1"),
+        ("GALLERY_RENDITION_QUALITY", "101", "GALLERY_RENDITION_QUALITY=101 is invalid"),
+        ("GALLERY_RENDITION_QUALITY", "-5", "GALLERY_RENDITION_QUALITY=-5 is invalid"),
         ("GALLERY_SECURE_COOKIES", "maybe", "GALLERY_SECURE_COOKIES='maybe' is invalid"),
         ("GALLERY_URL_EXPIRY_SECONDS", "0", "GALLERY_URL_EXPIRY_SECONDS=0 is invalid"),
         ("GALLERY_UPLOAD_FORM_SECONDS", "301", "GALLERY_UPLOAD_FORM_SECONDS=301 is out"),

@@ -191,6 +191,15 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SettingsError(f"{ENV_NAMES[name]} must be a positive integer")
+        if not 0 <= self.rendition_quality <= 100:
+            raise SettingsError(
+                f"GALLERY_RENDITION_QUALITY={self.rendition_quality} is invalid: "
+                "expected a WebP quality from 0 to 100"
+            )
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(
+                f"GALLERY_PORT={self.port} is invalid: expected a port from 1 to 65535"
+            )
         if not 1 <= self.sweep_interval_seconds <= 60 or 60 % self.sweep_interval_seconds:
             raise SettingsError(
                 f"GALLERY_SWEEP_INTERVAL_SECONDS={self.sweep_interval_seconds} is invalid: "
