@@ -138,3 +138,20 @@ async def test_requests_and_jobs_log_one_line_each_without_secrets(
         "X-Amz-Credential",
     ):
         assert secret not in text
+
+
+async def test_client_mistakes_log_one_line_without_traceback(captured_logs, make_client):
+    buffer = captured_logs("json", "INFO")
+    client = await make_client()
+
+    missing = await client.http.get("/images/0190abcd0190abcd0190abcd/view")
+    no_csrf = await client.http.post("/uploads", json={})
+    client.http.cookies.clear()
+    signed_out = await client.http.get("/images", follow_redirects=False)
+
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert (missing.status_code, no_csrf.status_code, signed_out.status_code) == (404, 403, 302)
+    statuses = [line["status"] for line in lines if line["logger"] == "gallery.requests"]
+    assert statuses[-3:] == [404, 403, 302]
+    assert [line["message"] for line in lines if line["level"] == "ERROR"] == []
+    assert "Traceback" not in buffer.getvalue()

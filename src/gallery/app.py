@@ -129,6 +129,9 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=LoggingConfig(
             configure_root_logger=False,
             log_exceptions="always",
+            # A client's mistake (401, 404, a CSRF 403) is one request log line, not a
+            # traceback: only errors of ours are logged with their stack.
+            disable_stack_trace=set(range(400, 500)),
             loggers={"litestar": {"level": "INFO", "handlers": [], "propagate": True}},
         ),
         # No OpenAPI pages: the app has no public API, and their viewers load remote scripts.

@@ -165,6 +165,11 @@ def request_log_middleware(app: ASGIApp) -> ASGIApp:
 
         try:
             await app(scope, receive, send_with_id)
+        except Exception as error:
+            # An exception raised by a middleware, such as a CSRF refusal, is turned into its
+            # response by Litestar outside this one: log the status it will get.
+            status = getattr(error, "status_code", 500)
+            raise
         finally:
             _log_request(scope, request_id, status, (time.monotonic() - started) * 1000)
 
