@@ -356,3 +356,15 @@ def test_invalid_exif_date_is_left_out(value):
     processed = make_renditions(jpeg_taken_at(value), "image/jpeg", max_pixels=10**6)
 
     assert processed.taken_at == ""
+
+
+async def test_direction_characters_leave_the_filename(client, redis):
+    response = await client.request_form("\u202egpj.exe", "image/jpeg", 100)
+    joined = await client.request_form(
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645.jpg", "image/jpeg", 100
+    )
+
+    spoofed = await index.get_upload(redis, response.json()["id"])
+    persian = await index.get_upload(redis, joined.json()["id"])
+    assert spoofed.filename == "gpj.exe"
+    assert "\u200c" in persian.filename

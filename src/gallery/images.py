@@ -243,9 +243,22 @@ def format_mib(size: int) -> str:
     return f"{round(size / (1024 * 1024), 1):g}"
 
 
+# Characters that reorder or hide text: "\u202egpj.exe" would show as "exe.jpg".
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
+)
+
+
 def clean_filename(filename: str) -> str:
-    """Return a file name without control characters, trimmed, at most 255 characters."""
-    printable = "".join(char for char in filename if unicodedata.category(char) != "Cc")
+    """Return a file name without control or direction characters, trimmed, at most 255.
+
+    Joiners stay: scripts such as Persian and Devanagari need them.
+    """
+    printable = "".join(
+        char
+        for char in filename
+        if unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS
+    )
     return printable.strip()[:MAX_FILENAME_LENGTH]
 
 
