@@ -22,7 +22,7 @@ from gallery.health import WORKER_HEARTBEAT_KEY
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import HTMX, make_jpeg, post_to_s3
-from worker.jobs import verify_upload
+from worker.jobs import DEFERRED, MAX_TRIES, verify_upload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -143,8 +143,31 @@ async def test_verify_retries_while_s3_is_down(client, settings, redis):
         with pytest.raises(Retry) as retry:
             await verify_upload(ctx, upload_id)
 
+    upload = await index.get_upload(redis, upload_id)
     assert retry.value.defer_score == 2000
-    assert (await index.get_upload(redis, upload_id)).state == State.VERIFYING
+    assert upload.state == State.VERIFYING
+    assert upload.attempts == 0
+
+
+async def test_verify_waits_out_long_s3_outage(client, settings, redis):
+    upload_id = await client.upload(make_jpeg())
+    closed = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+
+    async with Storage.open(closed) as offline:
+        ctx = {
+            "redis": redis,
+            "store": offline,
+            "settings": closed,
+            "job_try": MAX_TRIES,
+            "pool": None,
+        }
+        outcome = await verify_upload(ctx, upload_id)
+
+    upload = await index.get_upload(redis, upload_id)
+    assert outcome == DEFERRED
+    assert upload.state == State.VERIFYING
+    assert upload.attempts == 0
+    assert await redis.zscore(index.PENDING_KEY, upload_id) is not None
 
 
 async def test_health_endpoints_answer_json(client, redis):

@@ -29,21 +29,15 @@ logger = logging.getLogger(__name__)
 MAX_TRIES = 5
 # Seconds before the next try after a transient error, by the number of the failed try.
 RETRY_DELAYS = (2, 8, 30, 120)
-# Runs of one upload's job, counted in its record, after which it is rejected as failed.
-# Unlike MAX_TRIES this also counts runs that never ended: a worker killed mid-job, or a
-# job that hit arq's timeout, which the sweep queues again.
-MAX_ATTEMPTS = 8
+# Runs of one upload's job that started and never ended, after which the upload is
+# rejected as failed: a worker killed mid-job, or a job over arq's timeout. Such an image
+# may be what kills the worker. A run that ends, even with an error, does not count.
+MAX_ATTEMPTS = 3
 
-# Errors that a later try may not meet: S3 or Redis unreachable or failing, or a decoding
-# process that died. Every other error is final for the upload.
-TRANSIENT_ERRORS = (
-    ClientError,
-    BotoCoreError,
-    OSError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    BrokenProcessPool,
-)
+# Errors of services that a later try may not meet: S3 or Redis unreachable or failing.
+# After the last try the upload waits, still verifying, and the sweep queues it again, so
+# an outage of any length loses no upload. Every other error is final for the upload.
+SERVICE_ERRORS = (ClientError, BotoCoreError, OSError, RedisConnectionError, RedisTimeoutError)
 
 # Reasons shown on an upload's tile when its object is missing, changed or unreadable.
 REASON_MISSING = "the file never arrived"
@@ -51,6 +45,8 @@ REASON_TOO_LARGE = "too large"
 REASON_WRONG_TYPE = "type does not match"
 REASON_WRONG_OWNER = "not uploaded with this account's form"
 REASON_FAILED = "processing failed; upload it again"
+# The outcome of a run that left the upload for the sweep to queue again.
+DEFERRED = "deferred"
 
 
 def make_pool(processes: int) -> ProcessPoolExecutor:
@@ -73,8 +69,8 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
 
     Idempotent: a finished upload is left alone, a run that stopped after moving the
     original picks up from the original, every object has a fixed key, and the first run
-    to finish the record wins. Transient errors retry with backoff up to MAX_TRIES; an
-    image the checks reject, and any other error, is final.
+    to finish the record wins. Service errors and a broken decoding pool retry with
+    backoff up to MAX_TRIES; an image the checks reject, and any other error, is final.
     """
     started = time.monotonic()
     redis, store = ctx["redis"], ctx["store"]
@@ -90,6 +86,8 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
         outcome = REASON_FAILED
     else:
         outcome = await _verify_or_retry(ctx, upload)
+    if outcome == DEFERRED:
+        return outcome
     if outcome == REASON_FAILED:
         await store.delete(storage.image_keys(upload.user_id, upload.id))
 
@@ -107,29 +105,45 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
 
 
 async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
-    """Run the checks; raise Retry on a transient error until the last try."""
+    """Run the checks; raise Retry on a service error or a broken pool until the last try.
+
+    Returns DEFERRED when a service error lasted through every try: the upload stays
+    verifying for the sweep to queue again.
+    """
     job_try = ctx.get("job_try", 1)
     try:
         return await _verify(ctx, upload)
-    except TRANSIENT_ERRORS as error:
-        if isinstance(error, BrokenProcessPool):
-            # A decoding process died, perhaps killed for its memory: start a new pool.
-            ctx["pool"] = make_pool(ctx["settings"].worker_processes)
+    except SERVICE_ERRORS as error:
+        # The run ends here, so it does not count towards MAX_ATTEMPTS.
+        await index.end_attempt(ctx["redis"], upload)
         if job_try < MAX_TRIES:
-            delay = RETRY_DELAYS[min(job_try, len(RETRY_DELAYS)) - 1]
-            logger.warning(
-                "upload %s: try %d failed with %r, retrying in %d s",
-                upload.id,
-                job_try,
-                error,
-                delay,
-            )
-            raise Retry(defer=delay) from error
+            raise _retry(upload, job_try, error) from error
+        logger.warning(
+            "upload %s: %d tries failed, last with %r; the sweep queues it again",
+            upload.id,
+            job_try,
+            error,
+        )
+        return DEFERRED
+    except BrokenProcessPool as error:
+        # A decoding process died, perhaps killed for its memory by this very image: start
+        # a new pool, and count the run, so such an image is rejected in the end.
+        ctx["pool"] = make_pool(ctx["settings"].worker_processes)
+        if job_try < MAX_TRIES:
+            raise _retry(upload, job_try, error) from error
         logger.exception("upload %s: giving up after %d tries", upload.id, job_try)
         return REASON_FAILED
     except Exception:
         logger.exception("upload %s: processing failed", upload.id)
         return REASON_FAILED
+
+
+def _retry(upload: Upload, job_try: int, error: Exception) -> Retry:
+    delay = RETRY_DELAYS[min(job_try, len(RETRY_DELAYS)) - 1]
+    logger.warning(
+        "upload %s: try %d failed with %r, retrying in %d s", upload.id, job_try, error, delay
+    )
+    return Retry(defer=delay)
 
 
 async def _verify(ctx: dict[str, Any], upload: Upload) -> str:

@@ -59,7 +59,8 @@ class Upload:
     placeholder: str = ""
     # The Unix time of the last change of state.
     updated_at: float = 0.0
-    # How many times a worker has started verifying this upload.
+    # Runs of the verify job that started and have not ended: a worker killed mid-job, or
+    # a job over its timeout. A run that ends with a service error takes its count back.
     attempts: int = 0
     # When the owner moved the image to the trash, as a Unix time; 0 when it is not there.
     trashed_at: float = 0.0
@@ -320,6 +321,13 @@ async def mark_verifying(redis: Redis, upload: Upload) -> int:
         upload.updated_at = now
         upload.attempts = int(attempts)
     return int(attempts)
+
+
+async def end_attempt(redis: Redis, upload: Upload) -> None:
+    """Take back the attempt of a run that ended without finishing the upload."""
+    if upload.attempts > 0:
+        await redis.hincrby(_record_key(upload.id), "attempts", -1)
+        upload.attempts -= 1
 
 
 async def postpone_sweep(
