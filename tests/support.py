@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +18,9 @@ from litestar.testing import AsyncTestClient
 from PIL import Image
 
 from gallery import index
+from gallery.settings import Settings
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_PASSWORD = "correct horse battery staple"
 TEST_MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 HTMX = {"HX-Request": "true"}
@@ -123,3 +131,28 @@ async def seed_grid(redis: Any, user_id: str, count: int, *, ready: bool = False
             )
         created.append(upload.id)
     return created
+
+
+@contextmanager
+def gallery_process(
+    command: str, settings: Settings, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `python -m gallery.cli COMMAND` with these settings, and stop it with SIGTERM."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gallery.cli", command],
+            cwd=REPO_ROOT,
+            env={**os.environ, **settings.to_env()},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gallery import index
 from gallery.app import create_app
 from gallery.index import State
-from tests.support import make_jpeg
+from tests.support import gallery_process, make_jpeg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_SECONDS = 90
@@ -45,16 +42,7 @@ async def test_metrics_count_web_and_worker_events(client, settings, redis, tmp_
     # A JPEG signed as PNG: the worker rejects it as a type mismatch.
     bad = await client.upload(make_jpeg(), "bad.png", "image/png")
     log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(  # noqa: ASYNC220  # started once; the test polls Redis
-            [sys.executable, "-m", "gallery.cli", "worker"],
-            cwd=REPO_ROOT,
-            env={**os.environ, **settings.to_env()},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    with gallery_process("worker", settings, log_path) as worker:
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
             states = [
@@ -67,9 +55,6 @@ async def test_metrics_count_web_and_worker_events(client, settings, redis, tmp_
             await asyncio.sleep(0.2)
         # The duration is recorded after the job's last index change.
         await asyncio.sleep(0.5)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
     after = await _samples(client.http)
 
     assert _delta(before, after, "gallery_upload_forms_issued_total") == 3

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +19,7 @@ from gallery.embedded import EmbeddedRedis, free_port
 from gallery.health import WORKER_HEARTBEAT_KEY
 from gallery.index import State
 from gallery.storage import Storage
-from tests.support import HTMX, make_jpeg, post_to_s3
+from tests.support import HTMX, gallery_process, make_jpeg, post_to_s3
 from worker.jobs import DEFERRED, MAX_TRIES, verify_upload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,48 +53,38 @@ async def test_redis_restart_loses_no_upload(own_redis, settings, store, make_cl
     )
     redis = ArqRedis.from_url(own_redis.url)
     log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(  # noqa: ASYNC220  # started once; the test waits on Redis
-            [sys.executable, "-m", "gallery.cli", "worker"],
-            cwd=REPO_ROOT,
-            env={**os.environ, **drill.to_env()},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        await _wait_until(
-            lambda: redis.exists(WORKER_HEARTBEAT_KEY), "worker heartbeat", worker, log_path
-        )
-        client = await make_client(app_settings=drill)
-        forms = []
-        for number in range(6):
-            data = make_jpeg(640, 480, (40 * number, 90, 160))
-            form = (
-                await client.request_form(f"drill-{number}.jpg", "image/jpeg", len(data))
-            ).json()
-            assert (await post_to_s3(form, data)).status_code == 201
-            forms.append(form)
-        for form in forms[:3]:
-            assert (await client.complete(form["id"])).status_code == 200
+        with gallery_process("worker", drill, log_path) as worker:
+            await _wait_until(
+                lambda: redis.exists(WORKER_HEARTBEAT_KEY), "worker heartbeat", worker, log_path
+            )
+            client = await make_client(app_settings=drill)
+            forms = []
+            for number in range(6):
+                data = make_jpeg(640, 480, (40 * number, 90, 160))
+                form = (
+                    await client.request_form(f"drill-{number}.jpg", "image/jpeg", len(data))
+                ).json()
+                assert (await post_to_s3(form, data)).status_code == 201
+                forms.append(form)
+            for form in forms[:3]:
+                assert (await client.complete(form["id"])).status_code == 200
 
-        await asyncio.to_thread(own_redis.stop)
-        page = await client.http.get("/images", headers=BROWSER)
-        fragment = await client.complete(forms[3]["id"])
-        ready = await client.http.get("/readyz")
-        await asyncio.sleep(2)
-        worker_survived_outage = worker.poll() is None
-        await asyncio.to_thread(own_redis.start)
+            await asyncio.to_thread(own_redis.stop)
+            page = await client.http.get("/images", headers=BROWSER)
+            fragment = await client.complete(forms[3]["id"])
+            ready = await client.http.get("/readyz")
+            await asyncio.sleep(2)
+            worker_survived_outage = worker.poll() is None
+            await asyncio.to_thread(own_redis.start)
 
-        async def all_ready() -> bool:
-            uploads = [await index.get_upload(redis, form["id"]) for form in forms]
-            return all(upload is not None and upload.state == State.READY for upload in uploads)
+            async def all_ready() -> bool:
+                uploads = [await index.get_upload(redis, form["id"]) for form in forms]
+                return all(upload is not None and upload.state == State.READY for upload in uploads)
 
-        await _wait_until(all_ready, "every upload ready", worker, log_path)
-        page_after = await client.http.get("/images", headers=BROWSER)
+            await _wait_until(all_ready, "every upload ready", worker, log_path)
+            page_after = await client.http.get("/images", headers=BROWSER)
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
         await redis.aclose()
 
     assert page.status_code == 503

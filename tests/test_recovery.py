@@ -156,15 +156,17 @@ async def test_worker_killed_mid_thumbnail_is_finished_by_another(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         await _wait_for_file(marker, crashing, log_path)
         state_at_kill = (await index.get_upload(redis, upload_id)).state
-        crashing.send_signal(signal.SIGKILL)
+        # The whole process group, with the decoding pool, as a container's end kills it.
+        os.killpg(crashing.pid, signal.SIGKILL)
         await asyncio.wait_for(crashing.wait(), timeout=10)
     finally:
         if crashing.returncode is None:
-            crashing.kill()
+            os.killpg(crashing.pid, signal.SIGKILL)
             await crashing.wait()
     renditions_at_kill = [key async for key in store.list_keys(f"u/{user_id}/")]
     worker = make_worker(settings, burst=True, poll_delay=0.2, handle_signals=False)

@@ -17,6 +17,7 @@ from urllib.parse import quote
 from arq import Retry
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery import index, metrics, quotas, storage, trash
@@ -111,11 +112,12 @@ async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
     verifying for the sweep to queue again.
     """
     job_try = ctx.get("job_try", 1)
+    pool = ctx.get("pool")
     try:
         return await _verify(ctx, upload)
     except SERVICE_ERRORS as error:
         # The run ends here, so it does not count towards MAX_ATTEMPTS.
-        await index.end_attempt(ctx["redis"], upload)
+        await _end_attempt(ctx["redis"], upload)
         if job_try < MAX_TRIES:
             raise _retry(upload, job_try, error) from error
         logger.warning(
@@ -127,8 +129,12 @@ async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
         return DEFERRED
     except BrokenProcessPool as error:
         # A decoding process died, perhaps killed for its memory by this very image: start
-        # a new pool, and count the run, so such an image is rejected in the end.
-        ctx["pool"] = make_pool(ctx["settings"].worker_processes)
+        # a new pool, unless another job did, and count the run, so such an image is
+        # rejected in the end.
+        if ctx.get("pool") is pool:
+            ctx["pool"] = make_pool(ctx["settings"].worker_processes)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         if job_try < MAX_TRIES:
             raise _retry(upload, job_try, error) from error
         logger.exception("upload %s: giving up after %d tries", upload.id, job_try)
@@ -136,6 +142,14 @@ async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
     except Exception:
         logger.exception("upload %s: processing failed", upload.id)
         return REASON_FAILED
+
+
+async def _end_attempt(redis: Any, upload: Upload) -> None:
+    try:
+        await index.end_attempt(redis, upload)
+    except RedisError as error:
+        # Redis itself is down: the attempt stays counted, which costs one of MAX_ATTEMPTS.
+        logger.warning("upload %s: could not take back its attempt: %r", upload.id, error)
 
 
 def _retry(upload: Upload, job_try: int, error: Exception) -> Retry:
