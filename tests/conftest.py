@@ -13,6 +13,7 @@ from arq.connections import ArqRedis, RedisSettings
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from gallery import index
 from gallery.app import create_app
 from gallery.embedded import EmbeddedRedis, EmbeddedS3
 from gallery.logs import CONFIGURED_LOGGERS, GALLERY_HANDLER_NAME
@@ -173,3 +174,18 @@ def run_worker(settings: Settings) -> Callable[[], Awaitable[None]]:
             await worker.close()
 
     return run
+
+
+@pytest.fixture
+async def forget_uploads(redis: ArqRedis) -> AsyncIterator[list[str]]:
+    """Hand over a list of upload ids whose records are deleted after the test.
+
+    For a test that leaves an upload unfinished on purpose: the session's Redis is shared,
+    and a later test's sweep would otherwise find the upload and act on it.
+    """
+    upload_ids: list[str] = []
+    yield upload_ids
+    for upload_id in upload_ids:
+        upload = await index.get_upload(redis, upload_id)
+        if upload is not None:
+            await index.delete_upload(redis, upload)

@@ -122,8 +122,9 @@ async def test_s3_down_gives_503_and_keeps_image(client, run_worker, settings, r
     assert (await index.get_upload(redis, upload_id)).state == State.READY
 
 
-async def test_verify_retries_while_s3_is_down(client, settings, redis):
+async def test_verify_retries_while_s3_is_down(client, settings, redis, forget_uploads):
     upload_id = await client.upload(make_jpeg())
+    forget_uploads.append(upload_id)
     closed = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
 
     async with Storage.open(closed) as offline:
@@ -137,8 +138,9 @@ async def test_verify_retries_while_s3_is_down(client, settings, redis):
     assert upload.attempts == 0
 
 
-async def test_verify_waits_out_long_s3_outage(client, settings, redis):
+async def test_verify_waits_out_long_s3_outage(client, settings, redis, forget_uploads):
     upload_id = await client.upload(make_jpeg())
+    forget_uploads.append(upload_id)
     closed = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
 
     async with Storage.open(closed) as offline:

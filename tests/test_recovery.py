@@ -78,8 +78,11 @@ async def test_upload_whose_file_never_arrived_is_purged(client, store, redis, s
     assert await redis.zscore(f"gallery:user-pending:{user_id}", form["id"]) is None
 
 
-async def test_unreported_upload_within_grace_is_kept(client, store, redis, settings):
+async def test_unreported_upload_within_grace_is_kept(
+    client, store, redis, settings, forget_uploads
+):
     form = (await client.request_form("late.jpg", "image/jpeg", 100)).json()
+    forget_uploads.append(form["id"])
     await _expire_form(redis, form["id"], ago=10)
 
     await sweep(_ctx(redis, store, settings, purge_grace_seconds=600))
@@ -242,13 +245,16 @@ async def test_three_workers_run_sweep_once_per_tick(settings, monkeypatch):
     assert sorted(observed) == observed
 
 
-async def test_sweep_deletes_2500_abandoned_objects_in_batches(client, redis, settings):
+async def test_sweep_deletes_2500_abandoned_objects_in_batches(
+    client, redis, settings, forget_uploads
+):
     own_bucket = replace(settings, s3_bucket=f"test-sweep-{secrets.token_hex(4)}")
     user_id = await _user_id(client, redis)
     fresh = []
     for _ in range(10):
         form = (await client.request_form("fresh.jpg", "image/jpeg", 10)).json()
         fresh.append(storage.incoming_key(user_id, form["id"]))
+        forget_uploads.append(form["id"])
     abandoned = [storage.incoming_key(user_id, index.new_upload_id()) for _ in range(2500)]
     batches: list[int] = []
 
