@@ -146,12 +146,18 @@
     if (close && closeOverlay()) event.preventDefault();
   });
 
-  // Back from a viewer URL to the gallery's URL closes the overlay.
-  window.addEventListener("popstate", () => {
+  // Back and Forward keep the page in step with the URL. htmx loads the entries it pushed
+  // from the server; for the others, leaving a viewer URL closes the overlay, and any other
+  // mismatch between the URL and the page loads the URL's page.
+  window.addEventListener("popstate", (event) => {
+    if (event.state && event.state.htmx) return;
     const frame = viewerFrame();
-    if (frame && frame.classList.contains("overlay") && !location.pathname.endsWith("/view")) {
+    const atViewer = location.pathname.endsWith("/view");
+    if (frame && frame.classList.contains("overlay") && !atViewer) {
       frame.remove();
       document.body.classList.remove("viewing");
+    } else if (atViewer !== Boolean(frame)) {
+      location.reload();
     }
   });
 

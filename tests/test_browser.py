@@ -847,6 +847,14 @@ async def test_viewer_follows_arrow_keys_and_escape(
     await expect(page.locator(".overlay")).to_have_count(0)
     await expect(page).to_have_url(f"{base_url}/images")
     await expect(page.locator(".tile a.frame").nth(1)).to_be_focused()
+    # Back and Forward after Escape: the page follows the URL each way.
+    await page.go_back()
+    await expect(page).to_have_url(f"{base_url}/images/{ids[1]}/view")
+    await expect(page.locator("#viewer-frame .name")).to_have_text("green.jpg")
+    await page.go_forward()
+    await expect(page).to_have_url(f"{base_url}/images")
+    await expect(page.locator("#viewer-frame")).to_have_count(0)
+    await expect(page.locator(".tile")).to_have_count(3)
 
     await page.goto(f"{base_url}/images/{ids[1]}/view")
     await page.keyboard.press("ArrowRight")
