@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 
 import pytest
 from litestar.testing import AsyncTestClient
 
+from gallery import accounts
 from gallery.app import create_app
 from tests.support import TEST_PASSWORD
 
@@ -172,3 +174,20 @@ async def test_home_redirects_by_session(client, anonymous):
 
     assert visitor.headers["location"] == "/signin"
     assert user.headers["location"] == "/images"
+
+
+async def test_closed_signup_refuses_new_accounts(settings, redis):
+    app = create_app(replace(settings, open_signup=False))
+    async with AsyncTestClient(app) as client:
+        page = await client.get("/signup")
+        await client.get("/signin")
+        posted = await client.post(
+            "/signup",
+            data={"username": "walkin", "password": TEST_PASSWORD},
+            headers={"x-csrftoken": client.cookies["csrftoken"]},
+        )
+
+    assert page.status_code == posted.status_code == 403
+    assert "Sign-up is closed" in page.text
+    assert "Sign-up is closed" in posted.text
+    assert await accounts.find_user_id(redis, "walkin") is None

@@ -20,7 +20,11 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Body
 from litestar.response import Redirect, Template
-from litestar.status_codes import HTTP_303_SEE_OTHER, HTTP_429_TOO_MANY_REQUESTS
+from litestar.status_codes import (
+    HTTP_303_SEE_OTHER,
+    HTTP_403_FORBIDDEN,
+    HTTP_429_TOO_MANY_REQUESTS,
+)
 from redis.asyncio import Redis
 
 from gallery import limits
@@ -130,15 +134,27 @@ def _start_session(request: Request[Any, Any, Any], user: User) -> None:
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 
 
+def _signup_closed() -> Template:
+    logger.info("sign-up rejected: GALLERY_OPEN_SIGNUP is false")
+    return Template("signup_closed.html", status_code=HTTP_403_FORBIDDEN)
+
+
 @get("/signup", name="accounts:signup-page")
-async def show_signup() -> Template:
+async def show_signup(settings: NamedDependency[Settings]) -> Template:
+    if not settings.open_signup:
+        return _signup_closed()
     return Template("signup.html", context={"error": None, "username": ""})
 
 
 @post("/signup", name="accounts:signup")
 async def sign_up(
-    request: Request[Any, Any, Any], data: Form, redis: NamedDependency[Redis]
+    request: Request[Any, Any, Any],
+    data: Form,
+    redis: NamedDependency[Redis],
+    settings: NamedDependency[Settings],
 ) -> Template | Redirect:
+    if not settings.open_signup:
+        return _signup_closed()
     username = data.get("username", "").strip()
     try:
         user = await create_user(redis, username, data.get("password", ""))

@@ -54,6 +54,9 @@ class Settings:
     secret_key: str = ""
     # Marks the session and CSRF cookies Secure; `cookies_secure` also turns it on for HTTPS.
     secure_cookies: bool = False
+    # Anyone who reaches the app may create an account; false leaves that to
+    # `gallery create-user`.
+    open_signup: bool = True
     data_dir: Path = Path(".gallery")
 
     # Uploads and images
