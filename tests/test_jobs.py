@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from io import BytesIO
@@ -84,13 +85,32 @@ async def test_read_object_skips_body_over_limit(store):
     assert missing is None
 
 
-async def test_complete_without_object_is_rejected(client, run_worker):
+async def test_complete_without_object_is_rejected_once_form_expires(
+    make_client, settings, run_worker, redis
+):
+    client = await make_client(app_settings=replace(settings, upload_form_seconds=2))
     form = await _issue_form(client, make_jpeg())
 
     await client.complete(form["id"])
     await run_worker()
 
+    upload = await index.get_upload(redis, form["id"])
+    assert time.time() >= upload.form_expires_at
     assert "Rejected: the file never arrived" in (await client.tile(form["id"])).text
+
+
+async def test_file_sent_after_done_message_becomes_ready(make_client, settings, run_worker, redis):
+    client = await make_client(app_settings=replace(settings, upload_form_seconds=3))
+    data = make_jpeg()
+    form = await _issue_form(client, data)
+
+    await client.complete(form["id"])
+    worker = asyncio.create_task(run_worker())
+    await asyncio.sleep(1)
+    await post_to_s3(form, data)
+    await worker
+
+    assert (await index.get_upload(redis, form["id"])).state == index.State.READY
 
 
 async def test_delete_while_processing_leaves_nothing(client, run_worker, store, redis):

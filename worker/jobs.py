@@ -127,6 +127,15 @@ async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
             error,
         )
         return DEFERRED
+    except NotArrivedYet:
+        # "Done" came before the file, which only a client other than our page sends: check
+        # again once the form has expired, when no file can arrive any more.
+        await _end_attempt(ctx["redis"], upload)
+        if job_try >= MAX_TRIES:
+            return REASON_MISSING
+        delay = max(1, round(upload.form_expires_at - time.time()) + 1)
+        logger.info("upload %s: file not in the bucket yet, checking in %d s", upload.id, delay)
+        raise Retry(defer=delay) from None
     except BrokenProcessPool as error:
         # A decoding process died, perhaps killed for its memory by this very image: start
         # a new pool, unless another job did, and count the run, so such an image is
@@ -152,6 +161,10 @@ async def _end_attempt(redis: Any, upload: Upload) -> None:
         logger.warning("upload %s: could not take back its attempt: %r", upload.id, error)
 
 
+class NotArrivedYet(Exception):
+    """The upload's file is not in the bucket, but its form may still be used to send it."""
+
+
 def _retry(upload: Upload, job_try: int, error: Exception) -> Retry:
     delay = RETRY_DELAYS[min(job_try, len(RETRY_DELAYS)) - 1]
     logger.warning(
@@ -174,6 +187,8 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
         stored = await store.read_object(original, max_bytes=upload.max_bytes)
         source = original
         if stored is None:
+            if time.time() < upload.form_expires_at:
+                raise NotArrivedYet(upload.id)
             return REASON_MISSING
     problem = _check_object(upload, stored.info, source == incoming)
     if problem or stored.body is None:
