@@ -374,7 +374,7 @@ async def mark_rejected(redis: Redis, upload: Upload, reason: str) -> bool:
 
 
 async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
-    """Apply a final state; return whether the record now holds exactly that state."""
+    """Apply a final state, and return whether the record now has exactly that state."""
     flat = [item for pair in values.items() for item in pair]
     keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(upload.user_id))
     final_state = await redis.eval(_FINISH, len(keys), *keys, upload.id, *flat)
@@ -440,15 +440,7 @@ async def expired_trash(redis: Redis, cutoff: float, *, limit: int = 1000) -> li
 
     Ids whose record is gone are dropped from the set on the way.
     """
-    ids = await redis.zrangebyscore(TRASHED_KEY, "-inf", cutoff, start=0, num=limit)
-    uploads = []
-    for raw in ids:
-        upload = await get_upload(redis, raw.decode())
-        if upload is None:
-            await redis.zrem(TRASHED_KEY, raw)
-        else:
-            uploads.append(upload)
-    return uploads
+    return await _uploads_scored_up_to(redis, TRASHED_KEY, cutoff, limit)
 
 
 async def list_grid(
@@ -475,14 +467,29 @@ async def count_grid(redis: Redis, user_id: str) -> int:
 
 async def due_uploads(redis: Redis, now: float, *, limit: int = 1000) -> list[Upload]:
     """Return unfinished uploads that the sweep should look at by `now`, oldest due first."""
-    ids = await redis.zrangebyscore(PENDING_KEY, "-inf", now, start=0, num=limit)
+    return await _uploads_scored_up_to(redis, PENDING_KEY, now, limit)
+
+
+async def _uploads_scored_up_to(redis: Redis, key: str, score: float, limit: int) -> list[Upload]:
+    """Return the records of a sorted set's ids scored up to `score`, lowest first.
+
+    Reads the records in one round trip and removes ids whose record is gone from the set.
+    """
+    ids = [raw.decode() for raw in await redis.zrangebyscore(key, "-inf", score, 0, limit)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for upload_id in ids:
+            pipe.hgetall(_record_key(upload_id))
+        records = await pipe.execute()
     uploads = []
-    for raw in ids:
-        upload = await get_upload(redis, raw.decode())
+    gone = []
+    for upload_id, raw in zip(ids, records, strict=True):
+        upload = _decode(raw)
         if upload is None:
-            await redis.zrem(PENDING_KEY, raw)
+            gone.append(upload_id)
         else:
             uploads.append(upload)
+    if gone:
+        await redis.zrem(key, *gone)
     return uploads
 
 
