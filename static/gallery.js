@@ -147,8 +147,8 @@
   });
 
   // Back and Forward keep the page in step with the URL. htmx loads the entries it pushed
-  // from the server; for the others, leaving a viewer URL closes the overlay, and any other
-  // mismatch between the URL and the page loads the URL's page.
+  // from the server. For other entries, leaving a viewer URL closes the overlay, and any
+  // other mismatch between the URL and the page reloads the page.
   window.addEventListener("popstate", (event) => {
     if (event.state && event.state.htmx) return;
     const frame = viewerFrame();

@@ -68,7 +68,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
     """Hand over a SeaweedFS S3 server with a generated key pair, running for the session.
 
     Its `endpoint_url`, `access_key` and `secret_key` configure a client, and `client()`
-    makes one. `object_only_keys` have rights on objects only, as least privilege asks.
+    makes one. `object_only_keys` have rights on objects only, for least privilege.
     """
     server = EmbeddedS3(
         tmp_path_factory.mktemp("s3"),

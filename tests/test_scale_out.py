@@ -275,7 +275,7 @@ async def test_two_web_three_workers_share_one_valkey_and_one_s3(spawn, settings
         assert await index.get_upload(redis, upload_id) is None
     await redis.aclose()
 
-    # Both web processes served uploads, one log line per request, and no line holds a secret.
+    # Both web processes served uploads, one log line per request, and no line contains a secret.
     web_lines = {path.name: _json_lines(path) for _, path in webs}
     form_requests = {
         name: sum(1 for line in lines if line.get("path") == "/uploads")

@@ -24,7 +24,7 @@ PUBLIC_ROUTES = {
     ("POST", "/signout"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
-    # Shared pages open with a link's token alone; an unknown token answers 404.
+    # Shared pages open with a link's token alone; an unknown token gets 404.
     ("GET", "/s/0123abcd"),
     ("GET", "/s/0123abcd/0123abcd"),
     ("GET", "/s/0123abcd/0123abcd/original"),

@@ -1,4 +1,4 @@
-"""Chromium shares photos from the grid, opens the link elsewhere, and sees it revoked.
+"""Chromium shares photos from the grid, opens the link elsewhere, then finds it revoked.
 
 The served app, worker and browser come from test_browser.py's fixtures, started again
 for this module. Screenshots go to `test-artifacts/` in the repository root.

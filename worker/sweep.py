@@ -25,7 +25,7 @@ LOOKUP_BATCH = 500
 
 @dataclass
 class SweepCounts:
-    """What one sweep did."""
+    """Counts of the uploads one sweep moved on, failed or purged, and of stray files."""
 
     promoted: int = 0
     requeued: int = 0

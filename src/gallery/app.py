@@ -37,8 +37,8 @@ from gallery.storage import Storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# Seconds a request waits for Redis to connect, and to answer one command, before the
-# the page returns 503. The web app starts, and keeps serving errors, while Redis is down.
+# Seconds a request waits for Redis to connect, and to run one command, before the page
+# returns 503. The web app starts, and keeps serving errors, while Redis is down.
 REDIS_CONNECT_TIMEOUT = 2
 REDIS_COMMAND_TIMEOUT = 5
 

@@ -33,7 +33,7 @@ def show_alive() -> dict[str, str]:
 async def show_ready(
     redis: NamedDependency[ArqRedis], store: NamedDependency[Storage]
 ) -> Response[dict[str, Any]]:
-    """Return 200 when Redis and S3 answer and a worker reported itself recently, else 503.
+    """Return 200 when Redis and S3 respond and a worker sent a heartbeat recently, else 503.
 
     The body names each check with `ok` and, for a failed one, an `error`.
     """
@@ -49,7 +49,7 @@ async def show_ready(
 
 
 class NotReady(Exception):
-    """A check found its service answering but not ready; the message says why."""
+    """A service that responds but is not ready. The message gives the reason."""
 
 
 async def _check(name: str, check: Any) -> tuple[str, dict[str, Any]]:

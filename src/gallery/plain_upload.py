@@ -110,10 +110,11 @@ async def finish_plain_upload(
 async def _accept_posted_file(redis: ArqRedis, store: Storage, upload: Upload) -> None:
     """Take the type S3 stored for the file, then queue the worker's check of the file.
 
-    The form pinned no type, so S3 stored the type the browser gave the file part
-    (SeaweedFS 4.48 does; a service that stores another type gets the upload rejected).
-    A type outside the allowlist is rejected here; the worker then checks that the bytes
-    decode as the type taken.
+    The form pinned no type, so S3 stored the type the browser gave the file part, as
+    SeaweedFS 4.48 does. NOTE: a service that stores another type, such as
+    binary/octet-stream, gets every upload without JavaScript rejected. A type outside the
+    allowlist is rejected here, and the worker then checks that the bytes decode as the
+    type taken.
     """
     info = await store.head(storage.incoming_key(upload.user_id, upload.id))
     # Not posted yet, or a forged redirect: the status page waits, and the worker's sweep

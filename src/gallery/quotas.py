@@ -53,7 +53,7 @@ class Quota:
 
 @dataclass(frozen=True)
 class Usage:
-    """What a user stores, and what outstanding forms reserve."""
+    """A user's stored bytes and images, and the amounts reserved by outstanding forms."""
 
     bytes: int
     images: int

@@ -89,6 +89,8 @@ async def _restore_image(
     height = _number(metadata.get("height"), int)
     renditions = storage.rendition_keys(user_id, image_id)
     complete = bool(width and height) and all(key in sizes for key in renditions)
+    # NOTE: the trash lives only in Redis, so an image that was in the trash comes back as
+    # ready. Share links and user accounts are not in the bucket and do not come back.
     upload = Upload(
         id=image_id,
         user_id=user_id,
