@@ -1,4 +1,4 @@
-"""Presigned S3 GET URLs, signed with AWS Signature Version 4 in the query string.
+"""S3 requests signed with AWS Signature Version 4: presigned GET URLs and signed headers.
 
 A grid page needs two URLs per tile. Presigning one took botocore 1.40 and aiobotocore
 2.25 about 0.3 ms each in bench/page.py on the 2-core machine in docs/benchmarks.md. This
@@ -10,6 +10,10 @@ tests/test_signing.py checks against botocore 1.40.
 The steps follow S3SigV4QueryAuth in botocore/auth.py: the key percent-encoded except "/"
 and "~", the query names and values except "-_.~", the canonical query sorted by encoded
 name, only the Host header signed, and UNSIGNED-PAYLOAD as the payload hash.
+
+HeaderSigner signs the worker's own object requests in an Authorization header instead,
+as botocore's S3SigV4Auth does: every header sent is signed, and so is the SHA-256 of the
+body. tests/test_signing.py checks its headers against S3SigV4Auth's too.
 """
 
 from __future__ import annotations
@@ -52,12 +56,11 @@ def window_start(now: float, window_seconds: int) -> int:
     return int(now // window_seconds) * window_seconds
 
 
-class GetUrlSigner:
-    """Signs GET URLs for the objects of one bucket at one endpoint with one key pair.
+class _BucketSigner:
+    """The endpoint, bucket and key pair that the requests for one bucket are signed with.
 
-    `endpoint_url` is the S3 endpoint as the browser reaches it, because SigV4 signs the
-    Host header. With path-style addressing the bucket is the first path segment, and with
-    virtual-host addressing it is the first label of the host name.
+    With path-style addressing the bucket is the first path segment, and with virtual-host
+    addressing it is the first label of the host name.
     """
 
     def __init__(
@@ -99,7 +102,30 @@ class GetUrlSigner:
         self._session_token = session_token
         self._day = ""
         self._day_key = b""
-        self._window: _SigningWindow | None = None
+
+    def object_url(self, key: str) -> tuple[str, str]:
+        """Return an object's URL and its path, percent-encoded as the signature needs it."""
+        path = self._path_prefix + quote(key, safe=KEY_SAFE)
+        return self._origin + path, path
+
+    def _signing_key(self, day: str) -> bytes:
+        """Return the key derived for one UTC day (YYYYMMDD), which every request that day uses."""
+        if day != self._day:
+            key = _hmac_sha256(f"AWS4{self._secret_key}".encode(), day)
+            for part in (self._region, SERVICE, "aws4_request"):
+                key = _hmac_sha256(key, part)
+            self._day, self._day_key = day, key
+        return self._day_key
+
+
+class GetUrlSigner(_BucketSigner):
+    """Signs GET URLs for the objects of one bucket at one endpoint with one key pair.
+
+    `endpoint_url` is the S3 endpoint as the browser reaches it, because SigV4 signs the
+    Host header.
+    """
+
+    _window: _SigningWindow | None = None
 
     def presign_get(
         self, key: str, *, signed_at: int, expires_in: int, query: Sequence[tuple[str, str]] = ()
@@ -115,8 +141,7 @@ class GetUrlSigner:
             window = self._window = self._start_window(signed_at, expires_in)
         parameters = [(_encode_query(name), _encode_query(value)) for name, value in query]
         parameters.extend(window.auth_parameters)
-        path = self._path_prefix + quote(key, safe=KEY_SAFE)
-
+        _, path = self.object_url(key)
         canonical_query = "&".join(f"{name}={value}" for name, value in sorted(parameters))
         canonical_request = (
             f"GET\n{path}\n{canonical_query}\nhost:{self._host}\n\nhost\n{UNSIGNED_PAYLOAD}"
@@ -150,14 +175,59 @@ class GetUrlSigner:
         signature_hmac.update(f"{ALGORITHM}\n{amz_date}\n{scope}\n".encode())
         return _SigningWindow(signed_at, expires_in, tuple(auth_parameters), signature_hmac)
 
-    def _signing_key(self, day: str) -> bytes:
-        """Return the key derived for one UTC day (YYYYMMDD), which every URL of that day uses."""
-        if day != self._day:
-            key = _hmac_sha256(f"AWS4{self._secret_key}".encode(), day)
-            for part in (self._region, SERVICE, "aws4_request"):
-                key = _hmac_sha256(key, part)
-            self._day, self._day_key = day, key
-        return self._day_key
+
+class HeaderSigner(_BucketSigner):
+    """Signs requests for the objects of one bucket in their Authorization header.
+
+    `endpoint_url` is the S3 endpoint as the server reaches it. The request must send
+    exactly the headers returned, because each of them is signed.
+    """
+
+    def sign(
+        self,
+        method: str,
+        key: str,
+        *,
+        headers: dict[str, str],
+        body: bytes = b"",
+        now: float | None = None,
+    ) -> tuple[str, dict[str, str]]:
+        """Return the object's URL and the headers to send, `headers` among them, signed.
+
+        The names in `headers` are sent as given and signed in lowercase. `now` is a Unix
+        time, the present by default.
+        """
+        url, path = self.object_url(key)
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        day = amz_date[:8]
+        scope = f"{day}/{self._region}/{SERVICE}/aws4_request"
+        payload_hash = hashlib.sha256(body).hexdigest()
+
+        signed = {
+            **headers,
+            "host": self._host,
+            "x-amz-content-sha256": payload_hash,
+            "x-amz-date": amz_date,
+        }
+        if self._session_token is not None:
+            signed["x-amz-security-token"] = self._session_token
+        # Values are trimmed and their inner runs of spaces collapsed, as SigV4 asks.
+        canonical = sorted(
+            (name.lower(), " ".join(value.split())) for name, value in signed.items()
+        )
+        signed_names = ";".join(name for name, _ in canonical)
+        canonical_headers = "".join(f"{name}:{value}\n" for name, value in canonical)
+        canonical_request = (
+            f"{method}\n{path}\n\n{canonical_headers}\n{signed_names}\n{payload_hash}"
+        )
+        request_hash = hashlib.sha256(canonical_request.encode()).hexdigest()
+        string_to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{request_hash}"
+        signature = hmac.new(self._signing_key(day), string_to_sign.encode(), hashlib.sha256)
+        signed["Authorization"] = (
+            f"{ALGORITHM} Credential={self._access_key}/{scope}, "
+            f"SignedHeaders={signed_names}, Signature={signature.hexdigest()}"
+        )
+        return url, signed
 
 
 @dataclass(frozen=True)
