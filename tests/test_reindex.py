@@ -15,7 +15,7 @@ from gallery.cli import main
 from gallery.embedded import EmbeddedRedis
 from gallery.index import State
 from gallery.storage import Storage
-from tests.support import make_jpeg
+from tests.support import HTMX, make_jpeg
 from worker.settings import make_worker
 
 # Names with characters that S3 metadata cannot hold as they are.
@@ -119,8 +119,44 @@ async def test_reindex_queues_image_missing_a_rendition(isolated, make_client):
     finally:
         await redis.aclose()
 
-    assert "(1 queued for a worker to finish)" in result.output
+    assert "(1 queued for a worker to finish, 0 back in the trash)" in result.output
     assert restored.state == State.UPLOADED
     assert finished.state == State.READY
     assert finished.filename == "half.jpg"
     assert display is not None
+
+
+async def test_reindex_puts_trashed_image_back_in_trash(isolated, make_client):
+    client = await make_client(app_settings=isolated)
+    kept, trashed, restored = [
+        await client.upload(make_jpeg(320, 240, (40 * number, 90, 60)), f"{number}.jpg")
+        for number in range(3)
+    ]
+    await _run_worker(isolated)
+    headers = {**client.csrf, **HTMX}
+    for image_id in (trashed, restored):
+        response = await client.http.post(f"/images/{image_id}/trash", headers=headers)
+        assert response.status_code == 200
+    response = await client.http.post(f"/images/{restored}/restore", headers=headers)
+    assert response.status_code == 200
+    redis = ArqRedis.from_url(isolated.redis_url)
+    try:
+        trashed_before = await index.get_upload(redis, trashed)
+        user_id = trashed_before.user_id
+        await redis.flushall()
+
+        result = await asyncio.to_thread(
+            CliRunner().invoke, main, ["reindex"], env=isolated.to_env()
+        )
+
+        grid, _ = await index.list_grid(redis, user_id, before=None, limit=10)
+        trash = await index.list_trash(redis, user_id, limit=10)
+    finally:
+        await redis.aclose()
+
+    assert result.exit_code == 0, result.output
+    assert "1 back in the trash" in result.output
+    assert sorted(upload.id for upload in grid) == sorted([kept, restored])
+    assert [upload.id for upload in trash] == [trashed]
+    assert trash[0].state == State.TRASHED
+    assert trash[0].trashed_at == trashed_before.trashed_at

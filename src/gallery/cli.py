@@ -162,8 +162,9 @@ def reindex() -> None:
     """Rebuild the Redis index from the bucket after Redis lost its data.
 
     Every original in the bucket without a record gets one again, with its file name,
-    dates and dimensions from the object's metadata, in its owner's grid and quota. One
-    whose renditions are incomplete is queued for a worker to finish. Existing records
+    dates and dimensions from the object's metadata, in its owner's grid and quota, or in
+    the trash if it was there. One whose renditions are incomplete is queued for a worker
+    to finish. Existing records
     are left alone, so it is safe to run more than once. Accounts are not in the bucket:
     they come back only from Redis's own persistence.
     """
@@ -176,8 +177,8 @@ def reindex() -> None:
             counts = await rebuild_index(redis, store)
         click.echo(
             f"restored {counts.restored} images of {counts.users} users "
-            f"({counts.queued} queued for a worker to finish); {counts.already_indexed} "
-            f"were already indexed and {counts.skipped} skipped"
+            f"({counts.queued} queued for a worker to finish, {counts.trashed} back in the "
+            f"trash); {counts.already_indexed} were already indexed and {counts.skipped} skipped"
         )
 
     asyncio.run(run())

@@ -29,13 +29,16 @@ class ReindexCounts:
     queued: int = 0
     already_indexed: int = 0
     skipped: int = 0
+    # Of the restored images, those that were in the trash and went back there.
+    trashed: int = 0
 
 
 async def rebuild_index(redis: ArqRedis, store: Storage) -> ReindexCounts:
     """Restore a record and grid entry for every original in the bucket that has none.
 
     An original with its three renditions and its metadata comes back ready, with its file
-    name, dates, size and dimensions, and counts towards its owner's quota again. One
+    name, dates, size and dimensions, and counts towards its owner's quota again. One tagged
+    as in the trash goes back to the trash, with the time it went there. One
     missing a rendition or metadata comes back uploaded, and its verify job is queued, so
     the worker makes what is missing from the original. Records that exist are left alone,
     so running it twice, or on an index that lost only part of its data, is safe.
@@ -89,8 +92,7 @@ async def _restore_image(
     height = _number(metadata.get("height"), int)
     renditions = storage.rendition_keys(user_id, image_id)
     complete = bool(width and height) and all(key in sizes for key in renditions)
-    # NOTE: the trash lives only in Redis, so an image that was in the trash comes back as
-    # ready. Share links and user accounts are not in the bucket and do not come back.
+    # NOTE: share links and user accounts are not in the bucket and do not come back.
     upload = Upload(
         id=image_id,
         user_id=user_id,
@@ -113,9 +115,18 @@ async def _restore_image(
     if complete:
         stored_bytes = info.size + sum(sizes[key] for key in renditions)
         await quotas.commit(redis, user_id, image_id, stored_bytes)
+        trashed_at = await _trashed_at(store, storage.original_key(user_id, image_id))
+        if trashed_at is not None:
+            await index.trash_upload(redis, upload, now=trashed_at)
+            counts.trashed += 1
     else:
         await jobs.enqueue_verify(redis, image_id)
         counts.queued += 1
+
+
+async def _trashed_at(store: Storage, key: str) -> float | None:
+    """Return the time the trash tag of an original gives, or None when it has none."""
+    return _number((await store.object_tags(key)).get(storage.TRASHED_AT_TAG), float)
 
 
 def _number(raw: str | None, kind: type[int | float]) -> int | float | None:

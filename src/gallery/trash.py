@@ -78,6 +78,15 @@ async def _owned(redis: Redis, request: Request[Any, Any, Any], image_id: str) -
     return upload
 
 
+async def _tag_trashed(store: Storage, upload: Upload, trashed_at: float | None) -> bool:
+    """Tag the original with the time it went to the trash, or untag it for None.
+
+    Returns False when the original does not exist.
+    """
+    tags = {} if trashed_at is None else {storage.TRASHED_AT_TAG: repr(trashed_at)}
+    return await store.tag_object(storage.original_key(upload.user_id, upload.id), tags)
+
+
 def count_changed(delta: int) -> dict[str, str]:
     """Return the htmx header that triggers the page's countChanged event with `delta`."""
     return {"HX-Trigger": json.dumps({"countChanged": delta})}
@@ -113,11 +122,22 @@ async def show_trash(
 
 @post("/images/{image_id:str}/trash", name="trash:move", status_code=HTTP_200_OK)
 async def move_to_trash(
-    request: HTMXRequest, image_id: FromPath[str], redis: NamedDependency[ArqRedis]
+    request: HTMXRequest,
+    image_id: FromPath[str],
+    redis: NamedDependency[ArqRedis],
+    store: NamedDependency[Storage],
 ) -> Template | Redirect:
-    """Move a ready image to the trash; the page shows a message with Undo."""
+    """Move a ready image to the trash; the page shows a message with Undo.
+
+    The original is tagged first, so the trash survives a rebuild of the index from the
+    bucket. If Redis fails after that, the image stays in the grid with the tag until the
+    user tries again.
+    """
     upload = await _owned(redis, request, image_id)
-    if not await index.trash_upload(redis, upload):
+    trashed_at = time.time()
+    if upload.state != State.READY or not await _tag_trashed(store, upload, trashed_at):
+        raise NotFoundException("That image is not in your gallery.")
+    if not await index.trash_upload(redis, upload, now=trashed_at):
         raise NotFoundException("That image is not in your gallery.")
     logger.info("moved image %s of user %s to the trash", upload.id, upload.user_id)
     gallery_url = request.app.route_reverse("images:gallery")
@@ -142,6 +162,8 @@ async def restore_image(
     otherwise to the trash page.
     """
     upload = await _owned(redis, request, image_id)
+    if upload.state != State.TRASHED or not await _tag_trashed(store, upload, None):
+        raise NotFoundException("That image is not in the trash.")
     if not await index.untrash_upload(redis, upload):
         raise NotFoundException("That image is not in the trash.")
     logger.info("restored image %s of user %s", upload.id, upload.user_id)

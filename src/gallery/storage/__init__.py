@@ -43,6 +43,10 @@ _NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
 # DeleteObjects takes at most this many keys per request.
 DELETE_BATCH_SIZE = 1000
 
+# The tag on an original in the trash, with the Unix time it went there, so that
+# `gallery reindex` can put it back in the trash and not in the grid.
+TRASHED_AT_TAG = "trashed-at"
+
 # Renditions never change under their key, so a browser may keep them as long as it likes.
 RENDITION_CACHE_CONTROL = "private, max-age=31536000, immutable"
 
@@ -283,6 +287,22 @@ class Storage:
     async def object_tags(self, key: str) -> dict[str, str]:
         response = await self._client.get_object_tagging(Bucket=self.bucket, Key=key)
         return {tag["Key"]: tag["Value"] for tag in response["TagSet"]}
+
+    async def tag_object(self, key: str, tags: dict[str, str]) -> bool:
+        """Replace an object's tags with `tags`; False when the object does not exist."""
+        tag_set = [{"Key": name, "Value": value} for name, value in tags.items()]
+        try:
+            if tag_set:
+                await self._client.put_object_tagging(
+                    Bucket=self.bucket, Key=key, Tagging={"TagSet": tag_set}
+                )
+            else:
+                await self._client.delete_object_tagging(Bucket=self.bucket, Key=key)
+        except ClientError as error:
+            if _error_code(error) in _NOT_FOUND_CODES:
+                return False
+            raise
+        return True
 
     async def presign_upload(
         self,
