@@ -143,14 +143,7 @@ class Storage:
         self.bucket = settings.s3_bucket
         self._settings = settings
         # The same endpoint, region and path-style addressing as the presigning client.
-        self._url_signer = GetUrlSigner(
-            endpoint_url=settings.presign_endpoint_url,
-            bucket=settings.s3_bucket,
-            region=settings.s3_region,
-            access_key=settings.aws_access_key_id,
-            secret_key=settings.aws_secret_access_key,
-            addressing_style="path",
-        )
+        self._url_signer = GetUrlSigner(**_signer_options(settings, settings.presign_endpoint_url))
         self.clock = clock
 
     @classmethod
@@ -177,14 +170,7 @@ class Storage:
             http = await stack.enter_async_context(
                 ObjectClient.open_session(settings.s3_endpoint_url)
             )
-            signer = HeaderSigner(
-                endpoint_url=settings.s3_endpoint_url,
-                bucket=settings.s3_bucket,
-                region=settings.s3_region,
-                access_key=settings.aws_access_key_id,
-                secret_key=settings.aws_secret_access_key,
-                addressing_style="path",
-            )
+            signer = HeaderSigner(**_signer_options(settings, settings.s3_endpoint_url))
             yield cls(client, presign_client, settings, objects=ObjectClient(http, signer))
 
     async def ensure_bucket(self, allowed_origins: Iterable[str]) -> None:
@@ -496,6 +482,18 @@ def _object_info(response: dict[str, Any]) -> ObjectInfo:
         content_type=response.get("ContentType", ""),
         metadata=response.get("Metadata", {}),
     )
+
+
+def _signer_options(settings: Settings, endpoint_url: str) -> dict[str, str]:
+    """Return a signer's arguments for `endpoint_url`, with path-style addressing."""
+    return {
+        "endpoint_url": endpoint_url,
+        "bucket": settings.s3_bucket,
+        "region": settings.s3_region,
+        "access_key": settings.aws_access_key_id,
+        "secret_key": settings.aws_secret_access_key,
+        "addressing_style": "path",
+    }
 
 
 def _error_code(error: ClientError) -> str:
