@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "create-user",
     "set-quota",
     "reindex",
+    "users",
 )
 # Words that name the unit of an option's value.
 UNIT_WORDS = ("seconds", "bytes", "count", "characters", "standard input")
@@ -36,11 +37,33 @@ def test_help_lists_every_subcommand():
         assert re.search(rf"^\s+{subcommand}\s", result.output, re.MULTILINE), subcommand
 
 
-@pytest.mark.parametrize("name", sorted(main.commands))
-def test_subcommand_help_describes_every_option_with_unit(name):
-    command = main.commands[name]
+def _command_paths(group: click.Group, parents: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Return the name path of every subcommand, with those of nested groups."""
+    paths = []
+    for name, command in sorted(group.commands.items()):
+        paths.append((*parents, name))
+        if isinstance(command, click.Group):
+            paths += _command_paths(command, (*parents, name))
+    return paths
 
-    result = CliRunner().invoke(main, [name, "--help"])
+
+def test_users_group_has_its_subcommands():
+    assert {path[1] for path in _command_paths(main) if path[0] == "users" and len(path) > 1} == {
+        "list",
+        "disable",
+        "enable",
+        "delete",
+    }
+
+
+@pytest.mark.parametrize("path", _command_paths(main), ids=" ".join)
+def test_subcommand_help_describes_every_option_with_unit(path):
+    command = main
+    for part in path:
+        command = command.commands[part]
+    name = " ".join(path)
+
+    result = CliRunner().invoke(main, [*path, "--help"])
 
     assert result.exit_code == 0
     assert command.help, f"`gallery {name}` has no description"

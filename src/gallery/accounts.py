@@ -49,6 +49,13 @@ class AccountError(ValueError):
     """A sign-up or sign-in that cannot go ahead; the message is shown to the user."""
 
 
+class AccountDisabled(AccountError):
+    """The password is right, but an administrator disabled the account."""
+
+    def __init__(self) -> None:
+        super().__init__("This account is disabled. Ask the gallery's administrator to enable it.")
+
+
 @dataclass(frozen=True)
 class User:
     id: str
@@ -98,7 +105,11 @@ async def find_user_id(redis: Redis, username: str) -> str | None:
 
 
 async def authenticate(redis: NamedDependency[Redis], username: str, password: str) -> User | None:
-    """Return the user when the password matches, otherwise None."""
+    """Return the user when the password matches, otherwise None.
+
+    Raises AccountDisabled when the password matches a disabled account, so only someone
+    with the password learns that the account exists and is disabled.
+    """
     user_id = await redis.get(_username_key(username)) if username else None
     stored = await redis.hget(_user_key(user_id.decode()), "password_hash") if user_id else None
     password_hash = stored.decode() if stored else _DUMMY_HASH
@@ -108,8 +119,52 @@ async def authenticate(redis: NamedDependency[Redis], username: str, password: s
         return None
     if not user_id:
         return None
-    name = await redis.hget(_user_key(user_id.decode()), "username")
+    # Read after the hash, which takes tens of milliseconds, so a `gallery users disable`
+    # that ran meanwhile is seen here.
+    name, disabled_at = await redis.hmget(_user_key(user_id.decode()), "username", "disabled_at")
+    if disabled_at:
+        raise AccountDisabled()
     return User(id=user_id.decode(), username=name.decode())
+
+
+async def is_disabled(redis: Redis, user_id: str) -> bool:
+    return bool(await redis.hget(_user_key(user_id), "disabled_at"))
+
+
+async def set_disabled(redis: Redis, user_id: str, disabled: bool) -> bool:
+    """Disable or enable an account; False when it already was in that state.
+
+    Only the flag changes: the caller ends the user's sessions after disabling.
+    """
+    if disabled:
+        return bool(await redis.hsetnx(_user_key(user_id), "disabled_at", time.time()))
+    return bool(await redis.hdel(_user_key(user_id), "disabled_at"))
+
+
+async def get_account(redis: Redis, user_id: str) -> dict[str, str]:
+    """Return an account's stored fields except the password hash; empty when it is gone."""
+    raw = await redis.hgetall(_user_key(user_id))
+    fields = {key.decode(): value.decode() for key, value in raw.items()}
+    fields.pop("password_hash", None)
+    return fields
+
+
+async def list_user_ids(redis: Redis) -> list[str]:
+    """Return the id of every account, by scanning the keyspace; for admin commands."""
+    prefix = _user_key("")
+    ids = [key.decode()[len(prefix) :] async for key in redis.scan_iter(f"{prefix}*", count=1000)]
+    return sorted(ids)
+
+
+async def delete_account(redis: Redis, user_id: str, username: str) -> None:
+    """Delete an account and free its username; the caller removes its data first."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(_user_key(user_id))
+        pipe.delete(_username_key(username))
+        await pipe.execute()
+    await limits.reset(redis, f"signin:account:{username.lower()}")
+    # The rate limit of upload forms, which images.py counts per user id.
+    await limits.reset(redis, f"upload-forms:{user_id}")
 
 
 def current_user(request: Request[Any, Any, Any]) -> User | None:
@@ -199,7 +254,12 @@ async def sign_in(
         context = {"error": error, "username": username}
         return Template("signin.html", context=context, status_code=HTTP_429_TOO_MANY_REQUESTS)
 
-    user = await authenticate(redis, username, data.get("password", ""))
+    try:
+        user = await authenticate(redis, username, data.get("password", ""))
+    except AccountDisabled as disabled:
+        logger.warning("sign-in rejected for disabled username %r from %s", username, address)
+        context = {"error": str(disabled), "username": username}
+        return Template("signin.html", context=context, status_code=HTTP_403_FORBIDDEN)
     if user is None:
         logger.warning("failed sign-in for username %r from %s", username, address)
         await limits.record(redis, account_limit, SIGNIN_WINDOW_SECONDS)

@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gallery import accounts, errors, health, images, metrics, plain_upload, share_pages, trash
 from gallery.logs import request_log_middleware
 from gallery.security import security_headers, security_headers_middleware
-from gallery.sessions import SessionConfig
+from gallery.sessions import SESSION_NAMESPACE, SessionConfig
 from gallery.settings import Settings
 from gallery.storage import Storage
 
@@ -104,7 +104,7 @@ def create_app(settings: Settings) -> Litestar:
         stores={
             "sessions": RedisStore(
                 Redis.from_url(settings.redis_url, **_redis_options()),
-                namespace="gallery:sessions",
+                namespace=SESSION_NAMESPACE,
                 handle_client_shutdown=True,
             )
         },

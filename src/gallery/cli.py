@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
@@ -305,6 +306,139 @@ def set_quota(
             return f"{username}: {quotas.describe(quota, usage)}"
 
     click.echo(asyncio.run(run()))
+
+
+@main.group()
+def users() -> None:
+    """List, disable, enable and delete accounts."""
+
+
+@users.command("list")
+def list_users() -> None:
+    """List every account: name, creation time (UTC), images, bytes used, quota and status."""
+    from gallery import user_admin
+
+    settings = _require_services(_load_settings())
+
+    async def run() -> list[user_admin.UserSummary]:
+        async with _redis(settings) as redis:
+            return await user_admin.list_users(redis, settings)
+
+    rows = [_user_row(summary) for summary in asyncio.run(run())]
+    header = ("NAME", "CREATED (UTC)", "IMAGES", "USED", "QUOTA", "STATUS")
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    for row in [header, *rows]:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _user_row(summary: Any) -> tuple[str, ...]:
+    from gallery.quotas import format_bytes
+
+    quota = summary.quota
+    max_bytes = format_bytes(quota.max_bytes) if quota.max_bytes else "no size limit"
+    max_images = f"{quota.max_images} images" if quota.max_images else "no image limit"
+    status = f"disabled {_utc(summary.disabled_at)}" if summary.disabled_at else "enabled"
+    return (
+        summary.username,
+        _utc(summary.created_at),
+        str(summary.usage.images),
+        format_bytes(summary.usage.bytes),
+        f"{max_bytes}, {max_images}",
+        status,
+    )
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
+
+
+@users.command()
+@click.argument("username")
+def disable(username: str) -> None:
+    """Disable USERNAME: it cannot sign in, its sessions end and its share links stop opening.
+
+    Its images, share links and quota are kept, and `gallery users enable` restores it.
+    Image URLs that a shared page handed out before keep working until they expire, at
+    most GALLERY_SHARE_URL_EXPIRY_SECONDS later.
+    """
+    from gallery import user_admin
+
+    settings = _require_services(_load_settings())
+
+    async def run() -> str:
+        async with _redis(settings) as redis:
+            user_id = await _find_user(redis, username)
+            changed, ended = await user_admin.disable_user(redis, user_id)
+        state = "disabled" if changed else "was already disabled"
+        return f"{username} {state}; ended {ended} sessions"
+
+    click.echo(asyncio.run(run()))
+
+
+@users.command()
+@click.argument("username")
+def enable(username: str) -> None:
+    """Enable USERNAME again: it can sign in, and its share links open until they expire."""
+    from gallery import user_admin
+
+    settings = _require_services(_load_settings())
+
+    async def run() -> str:
+        async with _redis(settings) as redis:
+            user_id = await _find_user(redis, username)
+            changed = await user_admin.enable_user(redis, user_id)
+        return f"{username} {'enabled' if changed else 'was not disabled'}"
+
+    click.echo(asyncio.run(run()))
+
+
+@users.command()
+@click.argument("username")
+@click.option("--yes", is_flag=True, help="Delete without asking for confirmation first.")
+def delete(username: str, yes: bool) -> None:
+    """Delete USERNAME for good, with every image, share link, quota setting and session.
+
+    The account is disabled first, and deleted last, after its objects in the bucket and
+    its records in Redis. When the command is interrupted, run it again to finish.
+    """
+    from gallery import quotas, user_admin
+
+    settings = _require_services(_load_settings())
+
+    async def count_images() -> quotas.Usage:
+        async with _redis(settings) as redis:
+            return await quotas.get_usage(redis, await _find_user(redis, username))
+
+    usage = asyncio.run(count_images())
+    if not yes:
+        click.confirm(
+            f"Delete user {username} with {usage.images} images "
+            f"({quotas.format_bytes(usage.bytes)}) for good?",
+            abort=True,
+        )
+
+    async def run() -> user_admin.DeletedUser:
+        async with _services(settings) as (redis, store):
+            return await user_admin.delete_user(
+                redis, store, await _find_user(redis, username), username
+            )
+
+    deleted = asyncio.run(run())
+    click.echo(
+        f"deleted user {username}: {deleted.uploads} uploads, {deleted.objects} objects, "
+        f"{deleted.shares} share links and {deleted.sessions} sessions"
+    )
+
+
+async def _find_user(redis: Any, username: str) -> str:
+    from gallery.user_admin import UnknownUser, find_user_id
+
+    try:
+        return await find_user_id(redis, username)
+    except UnknownUser as error:
+        raise click.ClickException(str(error)) from None
 
 
 @main.command()

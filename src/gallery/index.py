@@ -396,6 +396,40 @@ async def delete_upload(redis: Redis, upload: Upload) -> bool:
     return bool(deleted)
 
 
+async def list_user_upload_ids(redis: Redis, user_id: str) -> list[str]:
+    """Return the ids of all of a user's uploads: the grid, the trash and unfinished ones."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in (_grid_key(user_id), _trash_key(user_id), _user_pending_key(user_id)):
+            pipe.zrange(key, 0, -1)
+        replies = await pipe.execute()
+    return sorted({raw.decode() for reply in replies for raw in reply})
+
+
+async def delete_user_uploads(redis: Redis, user_id: str, *, batch_size: int = 500) -> int:
+    """Delete the records of all of a user's uploads and the user's sets; return how many.
+
+    Besides the grid, the trash and the user's unfinished uploads, this deletes issued
+    uploads whose form expired, which only the sweep's pending set still lists. Otherwise
+    the sweep could turn a file posted late with such a form into an image of a deleted user.
+    """
+    pending_ids = [raw.decode() for raw in await redis.zrange(PENDING_KEY, 0, -1)]
+    owners = await processing_owners(redis, pending_ids)
+    own_pending = {
+        upload_id for upload_id, owner in zip(pending_ids, owners, strict=True) if owner == user_id
+    }
+    upload_ids = sorted(own_pending.union(await list_user_upload_ids(redis, user_id)))
+    user_sets = (_grid_key(user_id), _trash_key(user_id), _user_pending_key(user_id))
+    for start in range(0, len(upload_ids), batch_size):
+        batch = upload_ids[start : start + batch_size]
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*(_record_key(upload_id) for upload_id in batch))
+            for key in (PENDING_KEY, TRASHED_KEY, *user_sets):
+                pipe.zrem(key, *batch)
+            await pipe.execute()
+    await redis.delete(*user_sets)
+    return len(upload_ids)
+
+
 async def trash_upload(redis: Redis, upload: Upload, *, now: float | None = None) -> bool:
     """Move a ready image from its owner's grid to the trash; False when it was not ready."""
     trashed_at = time.time() if now is None else now

@@ -237,6 +237,11 @@ async def release(redis: Redis, user_id: str, image_id: str) -> bool:
     return bool(await redis.eval(_RELEASE, len(keys), *keys, image_id))
 
 
+async def delete_user_counters(redis: Redis, user_id: str) -> None:
+    """Delete a user's usage counters, reservations and own limits, for a deleted account."""
+    await redis.delete(*_keys(user_id), _limits_key(user_id))
+
+
 def format_bytes(size: int) -> str:
     """Return a size in bytes as people read it, in binary units (KiB, MiB, GiB, TiB)."""
     value = float(size)

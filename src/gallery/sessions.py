@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
@@ -13,6 +14,13 @@ from litestar.middleware.session.server_side import (
 )
 from litestar.types import Empty, Message, ScopeSession
 from litestar.utils.dataclass import extract_dataclass_items
+from redis.asyncio import Redis
+
+# The Redis namespace of the session store: each session is the key `gallery:sessions:<id>`,
+# with the session's data as JSON.
+SESSION_NAMESPACE = "gallery:sessions"
+# Sessions read in one pipelined round trip while looking for a user's sessions.
+SESSION_SCAN_BATCH = 500
 
 
 class SessionBackend(ServerSideSessionBackend):
@@ -66,3 +74,38 @@ class SessionBackend(ServerSideSessionBackend):
 
 class SessionConfig(ServerSideSessionConfig):
     _backend_class = SessionBackend
+
+
+async def end_user_sessions(redis: Redis, user_id: str) -> int:
+    """Delete every session signed in as this user; return how many there were.
+
+    Scans all sessions, so it is for admin commands, not for requests.
+    """
+    ended = 0
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(f"{SESSION_NAMESPACE}:*", count=1000):
+        batch.append(key)
+        if len(batch) == SESSION_SCAN_BATCH:
+            ended += await _delete_sessions_of(redis, user_id, batch)
+            batch = []
+    if batch:
+        ended += await _delete_sessions_of(redis, user_id, batch)
+    return ended
+
+
+async def _delete_sessions_of(redis: Redis, user_id: str, keys: list[bytes]) -> int:
+    values = await redis.mget(keys)
+    owned = [
+        key for key, value in zip(keys, values, strict=True) if _session_user(value) == user_id
+    ]
+    if owned:
+        await redis.delete(*owned)
+    return len(owned)
+
+
+def _session_user(value: bytes | None) -> str | None:
+    try:
+        data = json.loads(value) if value else None
+    except ValueError:
+        return None
+    return data.get("user_id") if isinstance(data, dict) else None

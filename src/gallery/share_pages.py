@@ -27,7 +27,7 @@ from litestar.status_codes import (
     HTTP_409_CONFLICT,
 )
 
-from gallery import index, limits, shares, storage
+from gallery import accounts, index, limits, shares, storage
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -309,7 +309,8 @@ async def _open_share(
     """Return the share a token opens after counting the view against the address's limit.
 
     Raises 429 when the address is over its limit, and 404 for a token that never existed,
-    has expired or was revoked, after the same steps for all three.
+    has expired or was revoked, after the same steps for all three, and for a link whose
+    owner's account is disabled.
     """
     address = request.client.host if request.client else "unknown"
     limit_name = f"share-views:{address}"
@@ -322,7 +323,8 @@ async def _open_share(
         )
     await limits.record(redis, limit_name, window_seconds=60)
     share = await shares.find_open_share(redis, token)
-    if share is None:
+    # A disabled owner's links return the same 404 as unknown ones until it is enabled again.
+    if share is None or await accounts.is_disabled(redis, share.user_id):
         raise NotFoundException(LINK_NOT_FOUND)
     return share
 

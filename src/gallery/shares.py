@@ -322,17 +322,30 @@ async def purge_ended(redis: Redis, now: float, *, limit: int = 1000) -> int:
     """Delete shares that expired or were revoked before `now`; return how many."""
     ids = await redis.zrangebyscore(ENDED_KEY, "-inf", now, start=0, num=limit)
     for raw in ids:
-        share_id = raw.decode()
-        share = await get_share(redis, share_id)
-        image_ids = await list_image_ids(redis, share_id)
-        async with redis.pipeline(transaction=True) as pipe:
-            for image_id in image_ids:
-                pipe.srem(_image_shares_key(image_id), share_id)
-            pipe.delete(_record_key(share_id), _images_key(share_id))
-            if share is not None:
-                pipe.delete(_token_key(share.token_hash))
-                pipe.zrem(_user_key(share.user_id), share_id)
-                pipe.zrem(_user_active_key(share.user_id), share_id)
-            pipe.zrem(ENDED_KEY, share_id)
-            await pipe.execute()
+        await _delete_share(redis, raw.decode())
     return len(ids)
+
+
+async def delete_user_shares(redis: Redis, user_id: str) -> int:
+    """Delete every share of a user, open or ended, with its token; return how many."""
+    share_ids = [raw.decode() for raw in await redis.zrange(_user_key(user_id), 0, -1)]
+    for share_id in share_ids:
+        await _delete_share(redis, share_id)
+    await redis.delete(_user_key(user_id), _user_active_key(user_id))
+    return len(share_ids)
+
+
+async def _delete_share(redis: Redis, share_id: str) -> None:
+    """Delete a share's record, images, token and index entries."""
+    share = await get_share(redis, share_id)
+    image_ids = await list_image_ids(redis, share_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        for image_id in image_ids:
+            pipe.srem(_image_shares_key(image_id), share_id)
+        pipe.delete(_record_key(share_id), _images_key(share_id))
+        if share is not None:
+            pipe.delete(_token_key(share.token_hash))
+            pipe.zrem(_user_key(share.user_id), share_id)
+            pipe.zrem(_user_active_key(share.user_id), share_id)
+        pipe.zrem(ENDED_KEY, share_id)
+        await pipe.execute()
