@@ -160,6 +160,94 @@ def test_init_bucket_twice_keeps_the_same_rules(settings: Settings):
     assert rules_after_second == rules_after_first
 
 
+OPERATOR_CORS_RULE = {
+    "ID": "operator-cdn",
+    "AllowedOrigins": ["https://cdn.example.org"],
+    "AllowedMethods": ["GET"],
+    "AllowedHeaders": ["Range"],
+    "ExposeHeaders": ["ETag"],
+    "MaxAgeSeconds": 600,
+}
+OPERATOR_LIFECYCLE_RULE = {
+    "ID": "operator-expire-exports",
+    "Filter": {"Prefix": "exports/"},
+    "Status": "Enabled",
+    "Expiration": {"Days": 90},
+}
+
+
+def add_operator_rules(settings: Settings) -> None:
+    """Add a CORS rule and a lifecycle rule of the operator's own to the bucket's rules."""
+    client = s3_client(settings)
+    cors, lifecycle = read_bucket_rules(settings)
+    client.put_bucket_cors(
+        Bucket=settings.s3_bucket, CORSConfiguration={"CORSRules": [*cors, OPERATOR_CORS_RULE]}
+    )
+    client.put_bucket_lifecycle_configuration(
+        Bucket=settings.s3_bucket,
+        LifecycleConfiguration={"Rules": [OPERATOR_LIFECYCLE_RULE, *lifecycle]},
+    )
+
+
+@pytest.mark.parametrize("service", ["seaweedfs", "moto"])
+def test_init_bucket_twice_keeps_operator_rules(service: str, request: pytest.FixtureRequest):
+    base = request.getfixturevalue("settings" if service == "seaweedfs" else "moto_settings")
+    bucket_settings = with_new_bucket(base)
+    moved = replace(bucket_settings, public_url="https://photos.example.org")
+    assert invoke("init-bucket", bucket_settings).exit_code == 0
+    add_operator_rules(bucket_settings)
+
+    second = invoke("init-bucket", moved)
+    third = invoke("init-bucket", moved)
+    cors, lifecycle = read_bucket_rules(moved)
+
+    assert second.exit_code == 0, second.output
+    assert third.exit_code == 0, third.output
+    cors_by_id = {rule.get("ID"): rule for rule in cors}
+    assert sorted(cors_by_id) == sorted([storage.CORS_RULE_ID, "operator-cdn"])
+    assert len(cors) == 2
+    assert cors_by_id[storage.CORS_RULE_ID]["AllowedOrigins"] == ["https://photos.example.org"]
+    assert cors_by_id["operator-cdn"]["AllowedOrigins"] == ["https://cdn.example.org"]
+    assert cors_by_id["operator-cdn"]["AllowedMethods"] == ["GET"]
+    assert cors_by_id["operator-cdn"]["ExposeHeaders"] == ["ETag"]
+    assert lifecycle[0] == OPERATOR_LIFECYCLE_RULE
+    assert lifecycle[1:] == storage.lifecycle_rules()
+
+
+def test_init_bucket_replaces_cors_rule_without_id(settings: Settings):
+    bucket_settings = with_new_bucket(settings)
+    s3_client(settings).create_bucket(Bucket=bucket_settings.s3_bucket)
+    # The rule that init-bucket wrote before its rule had an ID, for an old address.
+    old_rule = dict(storage.cors_rule(["http://old:8000"]))
+    del old_rule["ID"]
+    s3_client(settings).put_bucket_cors(
+        Bucket=bucket_settings.s3_bucket,
+        CORSConfiguration={"CORSRules": [old_rule, OPERATOR_CORS_RULE]},
+    )
+
+    result = invoke("init-bucket", bucket_settings)
+    cors, _ = read_bucket_rules(bucket_settings)
+
+    assert result.exit_code == 0, result.output
+    assert [rule.get("ID") for rule in cors] == [storage.CORS_RULE_ID, "operator-cdn"]
+    assert cors[0]["AllowedOrigins"] == [bucket_settings.app_url]
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        ([], ["ours"]),
+        ([{"ID": "theirs"}], ["theirs", "ours"]),
+        ([{"ID": "theirs"}, {"ID": "ours"}, {"ID": "last"}], ["theirs", "ours", "last"]),
+        ([{"ID": "ours"}, {"ID": "theirs"}, {"ID": "ours"}], ["ours", "theirs"]),
+    ],
+)
+def test_merge_rules_replaces_ours_in_place(current, expected):
+    merged = storage.merge_rules(current, [{"ID": "ours"}], is_ours=lambda r: r["ID"] == "ours")
+
+    assert [rule["ID"] for rule in merged] == expected
+
+
 def test_init_bucket_notes_missing_public_access_block(settings: Settings, caplog):
     caplog.set_level(logging.INFO, logger="gallery.storage")
     bucket_settings = with_new_bucket(settings)

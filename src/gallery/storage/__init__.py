@@ -58,6 +58,11 @@ ABORT_MULTIPART_RULE_ID = "abort-incomplete-multipart-uploads"
 INCOMING_EXPIRY_DAYS = 1
 MULTIPART_ABORT_DAYS = 1
 
+# The ID of the CORS rule that ensure_bucket sets, which lets browsers on the gallery's
+# origins post upload forms and load images. Rules with other IDs belong to the operator.
+CORS_RULE_ID = "gallery-browser-uploads"
+CORS_MAX_AGE_SECONDS = 3600
+
 # Every upload lands under this prefix until the worker has checked it, so one lifecycle
 # rule can expire what was never checked.
 INCOMING_LIFECYCLE_PREFIX = "incoming/"
@@ -176,7 +181,8 @@ class Storage:
     async def ensure_bucket(self, allowed_origins: Iterable[str]) -> None:
         """Create the bucket if it is missing, keep it private and set its CORS and lifecycle.
 
-        Replaces the bucket's CORS and lifecycle configuration, so running it again is safe.
+        Only the gallery's own CORS and lifecycle rules, found by their IDs, are replaced,
+        so rules that an operator added stay, and running it again is safe.
         """
         try:
             await self._client.head_bucket(Bucket=self.bucket)
@@ -186,19 +192,7 @@ class Storage:
             await self._client.create_bucket(Bucket=self.bucket)
             logger.info("created bucket %s", self.bucket)
         await self._block_public_access()
-        await self._client.put_bucket_cors(
-            Bucket=self.bucket,
-            CORSConfiguration={
-                "CORSRules": [
-                    {
-                        "AllowedOrigins": list(allowed_origins),
-                        "AllowedMethods": ["POST", "GET"],
-                        "AllowedHeaders": ["*"],
-                        "MaxAgeSeconds": 3600,
-                    }
-                ]
-            },
-        )
+        await self._put_cors_rule(cors_rule(allowed_origins))
         await self._put_lifecycle_rules()
 
     async def _block_public_access(self) -> None:
@@ -222,10 +216,34 @@ class Storage:
                 self.bucket,
             )
 
+    async def _put_cors_rule(self, rule: dict[str, Any]) -> None:
+        # PutBucketCors replaces the whole configuration, so the operator's rules are read
+        # and written back with ours.
+        try:
+            current = await self.bucket_cors_rules()
+        except ClientError as error:
+            if _error_code(error) != "NoSuchCORSConfiguration":
+                raise
+            current = []
+        rules = merge_rules(current, [rule], is_ours=_is_our_cors_rule)
+        await self._client.put_bucket_cors(
+            Bucket=self.bucket, CORSConfiguration={"CORSRules": rules}
+        )
+
     async def _put_lifecycle_rules(self) -> None:
         try:
+            response = await self._read_lifecycle()
+            rules = merge_rules(
+                response.get("Rules", []), lifecycle_rules(), is_ours=_is_our_lifecycle_rule
+            )
+            extra = {}
+            # AWS S3 sets this back to its default when a new configuration leaves it out.
+            if "TransitionDefaultMinimumObjectSize" in response:
+                extra["TransitionDefaultMinimumObjectSize"] = response[
+                    "TransitionDefaultMinimumObjectSize"
+                ]
             await self._client.put_bucket_lifecycle_configuration(
-                Bucket=self.bucket, LifecycleConfiguration={"Rules": lifecycle_rules()}
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": rules}, **extra
             )
         except ClientError as error:
             if _error_code(error) != "NotImplemented":
@@ -262,13 +280,16 @@ class Storage:
 
     async def bucket_lifecycle_rules(self) -> list[dict[str, Any]]:
         """Return the bucket's lifecycle rules, or an empty list when it has none."""
+        return (await self._read_lifecycle()).get("Rules", [])
+
+    async def _read_lifecycle(self) -> dict[str, Any]:
+        """Return the bucket's lifecycle configuration, or an empty dict when it has none."""
         try:
-            response = await self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+            return await self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
         except ClientError as error:
             if _error_code(error) == "NoSuchLifecycleConfiguration":
-                return []
+                return {}
             raise
-        return response["Rules"]
 
     async def object_tags(self, key: str) -> dict[str, str]:
         response = await self._client.get_object_tagging(Bucket=self.bucket, Key=key)
@@ -443,6 +464,58 @@ class Storage:
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 yield item["Key"], item["LastModified"].timestamp()
+
+
+def cors_rule(allowed_origins: Iterable[str]) -> dict[str, Any]:
+    """Return the CORS rule that `ensure_bucket` sets for the gallery's origins."""
+    return {
+        "ID": CORS_RULE_ID,
+        "AllowedOrigins": list(allowed_origins),
+        "AllowedMethods": ["POST", "GET"],
+        "AllowedHeaders": ["*"],
+        "MaxAgeSeconds": CORS_MAX_AGE_SECONDS,
+    }
+
+
+def _is_our_cors_rule(rule: dict[str, Any]) -> bool:
+    if "ID" in rule:
+        return rule["ID"] == CORS_RULE_ID
+    # Versions of the gallery before CORS_RULE_ID wrote this same rule without an ID. One
+    # without an ID and with exactly these methods, headers and max age is taken for it.
+    return (
+        sorted(rule.get("AllowedMethods", [])) == ["GET", "POST"]
+        and rule.get("AllowedHeaders") == ["*"]
+        and rule.get("MaxAgeSeconds") == CORS_MAX_AGE_SECONDS
+        and not rule.get("ExposeHeaders")
+    )
+
+
+def _is_our_lifecycle_rule(rule: dict[str, Any]) -> bool:
+    return rule.get("ID") in (EXPIRE_INCOMING_RULE_ID, ABORT_MULTIPART_RULE_ID)
+
+
+def merge_rules(
+    current: list[dict[str, Any]],
+    ours: list[dict[str, Any]],
+    *,
+    is_ours: Callable[[dict[str, Any]], bool],
+) -> list[dict[str, Any]]:
+    """Return the bucket's rules with ours in place of the old ones, keeping every other rule.
+
+    Ours take the place of the first old rule of ours, so an order the operator chose
+    stays, and go at the end when the bucket has none of them.
+    """
+    merged: list[dict[str, Any]] = []
+    placed = False
+    for rule in current:
+        if not is_ours(rule):
+            merged.append(rule)
+        elif not placed:
+            merged.extend(ours)
+            placed = True
+    if not placed:
+        merged.extend(ours)
+    return merged
 
 
 def lifecycle_rules() -> list[dict[str, Any]]:
