@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_PASSWORD = "correct horse battery staple"
 TEST_MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 HTMX = {"HX-Request": "true"}
+# Variables of .env.example that only docker-compose.yml reads, for its own servers.
+COMPOSE_ONLY_VARIABLES = ("VALKEY_PASSWORD",)
 
 
 def make_jpeg(
