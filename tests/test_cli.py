@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
 import time
 
 import click
@@ -12,6 +14,7 @@ from click.testing import CliRunner
 
 from gallery import accounts, index, quotas
 from gallery.cli import ByteSize, main
+from gallery.health import WORKER_HEARTBEAT_KEY, host_heartbeat_key
 
 SUBCOMMANDS = (
     "serve",
@@ -147,6 +150,32 @@ def test_purge_dry_run_lists_and_keeps_then_purge_deletes(settings, store):
     assert real.exit_code == 0, real.output
     assert f"\npurge abandoned upload {upload.id}" in "\n" + real.output
     assert not asyncio.run(_record_exists(settings, upload.id))
+
+
+async def test_worker_check_passes_after_local_worker(settings, redis, run_worker):
+    await redis.delete(host_heartbeat_key(socket.gethostname()))
+
+    await run_worker()
+    result = await asyncio.to_thread(_run, settings, "worker", "--check")
+
+    assert result.exit_code == 0, result.output
+    assert f"healthy: worker {os.getpid()} on {socket.gethostname()} at" in result.output
+
+
+async def test_worker_check_ignores_workers_on_other_hosts(settings, redis):
+    hostname = socket.gethostname()
+    await redis.delete(host_heartbeat_key(hostname))
+    # Workers elsewhere are alive: arq's shared key and another host's heartbeat are fresh.
+    await redis.set(WORKER_HEARTBEAT_KEY, "another worker", px=31_000)
+    await redis.set(host_heartbeat_key("other-host"), "worker 1 on other-host", px=31_000)
+
+    try:
+        result = await asyncio.to_thread(_run, settings, "worker", "--check")
+    finally:
+        await redis.delete(WORKER_HEARTBEAT_KEY, host_heartbeat_key("other-host"))
+
+    assert result.exit_code == 1
+    assert f"unhealthy: no worker on host {hostname} wrote its heartbeat" in result.output
 
 
 async def _authenticate(settings, name: str, password: str):

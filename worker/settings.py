@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -16,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gallery.health import host_heartbeat_key
 from gallery.logs import log_job
 from gallery.metrics import timed_job
 from gallery.settings import Settings
@@ -51,10 +54,29 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 class ReconnectingWorker(Worker):
     """An arq worker that waits for Redis to come back instead of exiting when it is gone.
 
-    arq 0.28 lets a connection error out of its polling loop, which stops the worker.
+    arq 0.28 lets a connection error out of its polling loop, which stops the worker. It
+    also records a heartbeat under its host's name, for `gallery worker --check`.
     """
 
     _outage_started: float | None = None
+    _host_heartbeat_at: float = 0.0
+
+    async def record_health(self) -> None:
+        """Write arq's shared health key and this host's heartbeat, each health check interval.
+
+        arq calls this from its polling loop, so a worker whose loop is stuck writes neither.
+        """
+        await super().record_health()
+        now = time.time()
+        if now - self._host_heartbeat_at < self.health_check_interval:
+            return
+        self._host_heartbeat_at = now
+        hostname = socket.gethostname()
+        await self.pool.psetex(
+            host_heartbeat_key(hostname),
+            int((self.health_check_interval + 1) * 1000),
+            f"worker {os.getpid()} on {hostname} at {time.strftime('%H:%M:%S')}",
+        )
 
     async def _poll_iteration(self) -> None:
         try:

@@ -12,6 +12,7 @@ from litestar import Response, get
 from litestar.di import NamedDependency
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
+from gallery.index import PREFIX
 from gallery.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,16 @@ CHECK_TIMEOUT_SECONDS = 2.0
 
 # Every running worker rewrites this key each 30 s, and it expires 31 s after the last write.
 WORKER_HEARTBEAT_KEY = default_queue_name + health_check_key_suffix
+
+
+def host_heartbeat_key(hostname: str) -> str:
+    """Return the key that the workers on one host rewrite with WORKER_HEARTBEAT_KEY.
+
+    `gallery worker --check` reads it, so that a container's health check reads the
+    heartbeat of the container's own worker, not of whichever worker wrote the shared key
+    last.
+    """
+    return f"{PREFIX}:worker-heartbeat:{hostname}"
 
 
 @get("/healthz", name="health:alive", sync_to_thread=False)
