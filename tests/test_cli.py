@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import time
+from dataclasses import replace
 
 import click
 import pytest
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 from gallery import accounts, index, quotas
 from gallery.cli import ByteSize, main
+from gallery.embedded import free_port
 from gallery.health import WORKER_HEARTBEAT_KEY, host_heartbeat_key
 
 SUBCOMMANDS = (
@@ -176,6 +178,15 @@ async def test_worker_check_ignores_workers_on_other_hosts(settings, redis):
 
     assert result.exit_code == 1
     assert f"unhealthy: no worker on host {hostname} wrote its heartbeat" in result.output
+
+
+def test_worker_check_without_redis_fails_with_message(settings):
+    unreachable = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+
+    result = _run(unreachable, "worker", "--check")
+
+    assert result.exit_code == 1
+    assert "unhealthy: reading the heartbeat from Redis failed: ConnectionError" in result.output
 
 
 async def _authenticate(settings, name: str, password: str):

@@ -78,12 +78,18 @@ def worker(check: bool) -> None:
 
 
 async def _check_worker_on_this_host(settings: Settings) -> int:
+    from redis.exceptions import RedisError
+
     from gallery.health import host_heartbeat_key
     from worker.settings import WorkerSettings
 
     hostname = socket.gethostname()
-    async with _redis(settings) as redis:
-        heartbeat = await redis.get(host_heartbeat_key(hostname))
+    try:
+        async with _redis(settings) as redis:
+            heartbeat = await redis.get(host_heartbeat_key(hostname))
+    except (RedisError, OSError) as error:
+        click.echo(f"unhealthy: reading the heartbeat from Redis failed: {error!r}", err=True)
+        return 1
     if heartbeat is None:
         seconds = WorkerSettings.health_check_interval + 1
         click.echo(

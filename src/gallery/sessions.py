@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 # The Redis namespace of the session store: each session is the key `gallery:sessions:<id>`,
 # with the session's data as JSON.
 SESSION_NAMESPACE = "gallery:sessions"
-# Sessions read in one pipelined round trip while looking for a user's sessions.
+# Sessions read with one MGET while looking for a user's sessions.
 SESSION_SCAN_BATCH = 500
 
 
