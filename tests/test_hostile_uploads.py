@@ -230,7 +230,8 @@ async def test_pixel_bomb_is_rejected_before_decoding(
     assert any(f"upload {upload_id}: too large: " in m for m in messages)
 
     tile = await client.tile(upload_id)
-    assert "Rejected: too large" in tile.text
+    assert "Rejected: over the " in tile.text
+    assert "-megapixel limit" in tile.text
     assert "<img" not in tile.text
     user_id = await user_id_of(redis, upload_id)
     for key in storage.image_keys(user_id, upload_id):

@@ -128,7 +128,14 @@ async def test_png_signed_as_jpeg_is_rejected(client, run_worker):
     upload_id = await client.upload(buffer.getvalue(), "fake.jpg", "image/jpeg")
     await run_worker()
 
-    assert "Rejected: type does not match" in (await client.tile(upload_id)).text
+    assert "Rejected: the file is a PNG image, not a JPEG" in (await client.tile(upload_id)).text
+
+
+async def test_jpeg_signed_as_png_names_both_types(client, run_worker):
+    upload_id = await client.upload(make_jpeg(), "photo.png", "image/png")
+    await run_worker()
+
+    assert "Rejected: the file is a JPEG image, not a PNG" in (await client.tile(upload_id)).text
 
 
 async def test_truncated_jpeg_is_rejected(client, run_worker):

@@ -613,6 +613,7 @@ def test_other_allowed_format_is_type_mismatch(image_format: str, claimed_type: 
     assert rejection.value.reason == RejectionReason.TYPE_MISMATCH
     assert image_format in rejection.value.detail
     assert claimed_type in rejection.value.detail
+    assert rejection.value.message.startswith("the file is a ")
 
 
 @pytest.mark.parametrize(
@@ -671,6 +672,7 @@ def test_pixel_count_above_maximum_is_too_large():
 
     assert rejection.value.reason == RejectionReason.TOO_LARGE
     assert rejection.value.detail == "5000x5000 = 25000000 pixels exceeds the maximum of 10000000"
+    assert rejection.value.message == "5000x5000 pixels, over the 10-megapixel limit"
 
 
 def test_header_only_png_within_maximum_is_corrupt():
@@ -697,6 +699,8 @@ def test_decompression_bomb_is_too_large(width: int, height: int):
 
     assert rejection.value.reason == RejectionReason.TOO_LARGE
     assert "decompression bomb" in rejection.value.detail
+    limit = f"{round(Image.MAX_IMAGE_PIXELS / 1_000_000, 1):g}"
+    assert rejection.value.message == f"over the {limit}-megapixel limit"
     assert warnings.filters == filters_before
     assert Image.MAX_IMAGE_PIXELS == max_image_pixels_before
 
@@ -1000,6 +1004,7 @@ def test_result_and_rejection_survive_pickling():
     assert restored_rejection.reason == RejectionReason.TOO_LARGE
     assert restored_rejection.detail == "5000x5000 = 25000000 pixels"
     assert str(restored_rejection) == "too large: 5000x5000 = 25000000 pixels"
+    assert restored_rejection.message == "too large"
 
 
 def test_process_pool_returns_result_and_rejection():

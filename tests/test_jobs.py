@@ -11,6 +11,7 @@ import httpx
 from PIL import Image
 
 from gallery import index, storage
+from gallery.images import format_mib
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import make_jpeg, post_to_s3
@@ -51,7 +52,10 @@ async def test_object_with_other_type_is_rejected(client, run_worker, store, red
     await client.complete(form["id"])
     await run_worker()
 
-    assert "Rejected: type does not match" in (await client.tile(form["id"])).text
+    assert (
+        "Rejected: stored as PNG, not the JPEG its form allowed"
+        in (await client.tile(form["id"])).text
+    )
 
 
 async def test_object_over_signed_size_is_rejected(client, run_worker, store):
@@ -66,7 +70,11 @@ async def test_object_over_signed_size_is_rejected(client, run_worker, store):
     await client.complete(form["id"])
     await run_worker()
 
-    assert "Rejected: too large" in (await client.tile(form["id"])).text
+    limit = format_mib(len(data))
+    assert (
+        f"Rejected: file over the {limit} MiB its form allowed"
+        in (await client.tile(form["id"])).text
+    )
     assert await store.head(key) is None
 
 
@@ -215,7 +223,23 @@ async def test_animation_over_pixel_budget_is_rejected(client, settings, store, 
     finally:
         await worker.close()
 
-    assert "Rejected: too large" in (await client.tile(upload_id)).text
+    tile = (await client.tile(upload_id)).text
+    assert "Rejected: animation over the frame limit (2 frames at this size)" in tile
+
+
+async def test_image_over_pixel_limit_names_limit_in_megapixels(client, settings):
+    upload_id = await client.upload(make_jpeg(1200, 1000), "wide.jpg")
+    worker = make_worker(
+        replace(settings, max_pixels=1_000_000), burst=True, poll_delay=0.05, handle_signals=False
+    )
+
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+
+    tile = (await client.tile(upload_id)).text
+    assert "Rejected: 1200x1000 pixels, over the 1-megapixel limit" in tile
 
 
 async def _purge_now(redis, store, settings) -> None:

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from arq import Retry
@@ -21,7 +21,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery import index, metrics, quotas, storage, trash
+from gallery.images import format_mib
 from gallery.imaging import ImageRejected, Renditions, make_renditions
+from gallery.imaging.decoding import type_name
 from gallery.index import Upload
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ MAX_ATTEMPTS = 3
 SERVICE_ERRORS = (ClientError, BotoCoreError, OSError, RedisConnectionError, RedisTimeoutError)
 
 # Reasons shown on an upload's tile when its object is missing, changed or unreadable.
+# They are also the `reason` label of gallery_uploads_rejected_total, except a Rejection's.
 REASON_MISSING = "the file never arrived"
 REASON_TOO_LARGE = "too large"
 REASON_WRONG_TYPE = "type does not match"
@@ -48,6 +51,13 @@ REASON_WRONG_OWNER = "not uploaded with this account's form"
 REASON_FAILED = "processing failed; upload it again"
 # The outcome of a run that left the upload for the sweep to queue again.
 DEFERRED = "deferred"
+
+
+class Rejection(NamedTuple):
+    """A rejection whose reason names values, with a fixed label for the metrics."""
+
+    reason: str
+    label: str
 
 
 def make_pool(processes: int) -> ProcessPoolExecutor:
@@ -97,15 +107,16 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
         await metrics.count(redis, "gallery_uploads_verified_total")
         # The job's own line, from log_job, reports the duration at INFO.
         logger.debug("upload %s of user %s ready in %.0f ms", upload.id, upload.user_id, elapsed_ms)
-        return outcome
-    await index.mark_rejected(redis, upload, outcome)
+        return "ready"
+    reason, label = outcome if isinstance(outcome, Rejection) else (outcome, outcome)
+    await index.mark_rejected(redis, upload, reason)
     await quotas.release(redis, upload.user_id, upload.id)
-    await metrics.count(redis, "gallery_uploads_rejected_total", reason=outcome)
-    logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, outcome)
+    await metrics.count(redis, "gallery_uploads_rejected_total", reason=label)
+    logger.warning("upload %s of user %s rejected: %s", upload.id, upload.user_id, reason)
     return "rejected"
 
 
-async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str:
+async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str | Rejection:
     """Run the checks; raise Retry on a service error or a broken pool until the last try.
 
     Returns DEFERRED when a service error lasted through every try: the upload stays
@@ -173,7 +184,7 @@ def _retry(upload: Upload, job_try: int, error: Exception) -> Retry:
     return Retry(defer=delay)
 
 
-async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
+async def _verify(ctx: dict[str, Any], upload: Upload) -> str | Rejection:
     """Return "ready", or the reason the upload is rejected after deleting its file."""
     store, settings = ctx["store"], ctx["settings"]
     incoming = storage.incoming_key(upload.user_id, upload.id)
@@ -193,7 +204,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
     problem = _check_object(upload, stored.info, source == incoming)
     if problem or stored.body is None:
         await store.delete([incoming])
-        return problem or REASON_TOO_LARGE
+        return problem or _too_large(upload)
 
     data = stored.body
     try:
@@ -213,7 +224,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
     except ImageRejected as rejection:
         logger.info("upload %s: %s", upload.id, rejection)
         await store.delete([incoming, original])
-        return rejection.reason
+        return Rejection(rejection.message, rejection.reason.value)
 
     stored_bytes = await _store_image(store, upload, data, processed)
     await metrics.count(ctx["redis"], "gallery_thumbnails_made_total")
@@ -238,14 +249,24 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str:
     return "ready"
 
 
-def _check_object(upload: Upload, info: storage.ObjectInfo, is_incoming: bool) -> str | None:
+def _check_object(
+    upload: Upload, info: storage.ObjectInfo, is_incoming: bool
+) -> str | Rejection | None:
     if info.size > upload.max_bytes:
-        return REASON_TOO_LARGE
+        return _too_large(upload)
     if info.metadata.get("owner") != upload.user_id:
         return REASON_WRONG_OWNER
     if is_incoming and info.content_type != upload.content_type:
-        return REASON_WRONG_TYPE
+        stored, signed = type_name(info.content_type), type_name(upload.content_type)
+        return Rejection(
+            f"stored as {stored}, not the {signed} its form allowed", REASON_WRONG_TYPE
+        )
     return None
+
+
+def _too_large(upload: Upload) -> Rejection:
+    limit = format_mib(upload.max_bytes)
+    return Rejection(f"file over the {limit} MiB its form allowed", REASON_TOO_LARGE)
 
 
 async def _store_image(

@@ -1,6 +1,7 @@
 """Opening, checking and decoding uploaded bytes with Pillow, before any resize."""
 
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -53,8 +54,25 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.
 DEFAULT_MAX_ANIMATION_PIXELS = 1000 * 1920 * 1080
 
 
+# The names people know the allowed types by, for the reasons shown on tiles.
+TYPE_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        "image/jpeg": "JPEG",
+        "image/png": "PNG",
+        "image/webp": "WebP",
+        "image/gif": "GIF",
+        "image/heic": "HEIC",
+        "image/heif": "HEIF",
+        "image/tiff": "TIFF",
+    }
+)
+
+
 class RejectionReason(StrEnum):
-    """Short reason for a rejected upload, shown to the user who uploaded it."""
+    """The kind of a rejection, a bounded label for logs and metrics.
+
+    `ImageRejected.message` is the text the user reads, which may name the values involved.
+    """
 
     NOT_AN_IMAGE = "not an image"
     TYPE_MISMATCH = "type does not match"
@@ -65,14 +83,16 @@ class RejectionReason(StrEnum):
 class ImageRejected(Exception):
     """Upload that is not an intact image of an allowed type within the pixel and frame limits.
 
-    `reason` is shown to the user, and `detail` names the values involved for the logs.
+    `message` is shown on the upload's tile and is the reason's text unless given, and
+    `detail` names the values involved for the logs.
     """
 
-    def __init__(self, reason: RejectionReason, detail: str) -> None:
-        # Both go to Exception so that pickling across the process pool rebuilds the error.
-        super().__init__(reason, detail)
+    def __init__(self, reason: RejectionReason, detail: str, message: str | None = None) -> None:
+        # All go to Exception so that pickling across the process pool rebuilds the error.
+        super().__init__(reason, detail, message)
         self.reason = reason
         self.detail = detail
+        self.message = message or reason.value
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}"
@@ -92,8 +112,27 @@ def pillow_warnings_as_rejections() -> Iterator[None]:
         yield
 
 
-def open_allowed_image(data: bytes) -> Image.Image:
-    """Open `data` in a format of ALLOWED_TYPES, which reads the header but no pixels."""
+def type_name(content_type: str) -> str:
+    """Return the name people know a content type by, such as "JPEG" for image/jpeg."""
+    return TYPE_NAMES.get(content_type, content_type)
+
+
+def format_megapixels(pixels: int) -> str:
+    """Return a pixel count in megapixels with at most one decimal, such as "50" or "89.5"."""
+    return f"{round(pixels / 1_000_000, 1):g}"
+
+
+def pixel_limit_message(max_pixels: int, width: int = 0, height: int = 0) -> str:
+    """Return the tile's reason for an image over the pixel limit, with its size when known."""
+    limit = f"over the {format_megapixels(max_pixels)}-megapixel limit"
+    return f"{width}x{height} pixels, {limit}" if width and height else limit
+
+
+def open_allowed_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open `data` in a format of ALLOWED_TYPES, which reads the header but no pixels.
+
+    `max_pixels`, when lower than Pillow's own limit, is the limit the rejection names.
+    """
     allowed_formats = list(dict.fromkeys(ALLOWED_TYPES.values()))
     # A HEIF file starts with an ftyp box. Only such data loads pillow-heif, and Pillow
     # raises KeyError for a format name that no opener registered.
@@ -107,7 +146,11 @@ def open_allowed_image(data: bytes) -> Image.Image:
         detail = f"{len(data)} bytes are not a {format_names} image"
         raise ImageRejected(RejectionReason.NOT_AN_IMAGE, detail) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageRejected(RejectionReason.TOO_LARGE, str(error)) from error
+        # Pillow raised because the image is over Image.MAX_IMAGE_PIXELS, so it is over
+        # `max_pixels` too when that is lower.
+        limit = Image.MAX_IMAGE_PIXELS or sys.maxsize
+        message = pixel_limit_message(min(limit, max_pixels) if max_pixels else limit)
+        raise ImageRejected(RejectionReason.TOO_LARGE, str(error), message) from error
     except DECODE_ERRORS as error:
         detail = f"image header is invalid: {error}"
         raise ImageRejected(RejectionReason.CORRUPT, detail) from error
@@ -126,7 +169,9 @@ def check_type(image: Image.Image, data: bytes, claimed_type: str) -> str:
 
     if actual_type != claimed_type and {actual_type, claimed_type} != _HEIF_TYPES:
         detail = f"data is {image.format} but the upload was signed for {claimed_type!r}"
-        raise ImageRejected(RejectionReason.TYPE_MISMATCH, detail)
+        actual_name = type_name(actual_type or "")
+        message = f"the file is a {actual_name} image, not a {type_name(claimed_type)}"
+        raise ImageRejected(RejectionReason.TYPE_MISMATCH, detail, message)
     return actual_type
 
 
@@ -134,7 +179,8 @@ def check_pixel_count(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
         detail = f"{width}x{height} = {width * height} pixels exceeds the maximum of {max_pixels}"
-        raise ImageRejected(RejectionReason.TOO_LARGE, detail)
+        message = pixel_limit_message(max_pixels, width, height)
+        raise ImageRejected(RejectionReason.TOO_LARGE, detail, message)
 
 
 def check_animation_pixels(image: Image.Image, data: bytes, max_animation_pixels: int) -> int:
@@ -166,7 +212,8 @@ def check_animation_pixels(image: Image.Image, data: bytes, max_animation_pixels
             f" {image.width}x{image.height} pixels, above the maximum of"
             f" {max_animation_pixels} pixels in all frames"
         )
-        raise ImageRejected(RejectionReason.TOO_LARGE, detail)
+        message = f"animation over the frame limit ({max_frame_count} frames at this size)"
+        raise ImageRejected(RejectionReason.TOO_LARGE, detail, message)
     return frame_count
 
 

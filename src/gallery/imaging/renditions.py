@@ -200,7 +200,7 @@ def decode_to_fit(
     `draft_box`, by default `box`, and a draft smaller than `box` keeps its size.
     """
     with pillow_warnings_as_rejections():
-        image = open_allowed_image(data)
+        image = open_allowed_image(data, max_pixels)
         content_type = check_type(image, data, claimed_type)
         check_pixel_count(image, max_pixels)
         frame_count = check_animation_pixels(image, data, max_animation_pixels)
