@@ -77,7 +77,8 @@ async def test_browser_error_shows_error_page(anonymous, send, status_code, prob
     assert "<!doctype html>" in response.text
     assert problem in response.text
     assert f"Error {status_code}" in response.text
-    assert "Back to your gallery" in response.text
+    assert "Back to your gallery" not in response.text
+    assert 'href="/signin">Sign in</a>' in response.text
 
 
 @pytest.mark.parametrize(("send", "status_code", "problem"), CASES)
@@ -139,3 +140,36 @@ async def test_upload_form_request_keeps_json_errors(client):
     assert without_csrf.json()["detail"] == "CSRF token verification failed"
     assert invalid.status_code == 400
     assert invalid.json() == {"error": "Files must be between 1 byte and 5 MiB."}
+
+
+async def test_share_link_not_found_offers_visitor_no_app_link(anonymous):
+    response = await anonymous.get("/s/expired-or-never-issued-token", headers=BROWSER)
+
+    assert response.status_code == 404
+    assert "<!doctype html>" in response.text
+    assert "Back to your gallery" not in response.text
+    assert "/signin" not in response.text
+    assert 'href="/"' not in response.text
+
+
+async def test_error_page_offers_signed_in_user_gallery_link(client):
+    missing = await client.http.get("/images/no-such-image/view", headers=BROWSER)
+    share_missing = await client.http.get("/s/no-such-token", headers=BROWSER)
+    unknown_path = await client.http.get("/no/such/page", headers=BROWSER)
+    not_allowed = await _get_signout(client.http, BROWSER)
+
+    assert not_allowed.status_code == 405
+    for response in (missing, share_missing, unknown_path, not_allowed):
+        assert response.headers["content-type"].startswith("text/html")
+        assert 'href="/">Back to your gallery</a>' in response.text
+        assert "Sign in</a>" not in response.text
+    for response in (missing, share_missing, unknown_path):
+        assert response.status_code == 404
+
+
+async def test_unknown_path_offers_visitor_sign_in(anonymous):
+    response = await anonymous.get("/no/such/page", headers=BROWSER)
+
+    assert response.status_code == 404
+    assert "Back to your gallery" not in response.text
+    assert 'href="/signin">Sign in</a>' in response.text

@@ -19,7 +19,16 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from gallery.accounts import current_user
+from gallery.sessions import SessionConfig
+
 logger = logging.getLogger(__name__)
+
+# The paths of the public share pages, which visitors without an account open.
+SHARE_PATH_PREFIX = "/s/"
+
+# The name of the session cookie, Litestar's default for SessionConfig.key.
+SESSION_COOKIE = SessionConfig.key
 
 # Seconds in the Retry-After header of a 503 sent while Redis or S3 is unreachable.
 UNAVAILABLE_RETRY_SECONDS = 30
@@ -74,6 +83,27 @@ def _error_text(status_code: int) -> ErrorText:
     return ErrorText(f"{HTTPStatus(status_code).phrase}.", "Go back and try again.")
 
 
+def _page_context(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Return who is signed in and whether the page is public, for an error page's links.
+
+    A visitor of a share link gets no link into the app, and other visitors without a
+    session get a sign-in link. The router raises 404 for a path no route matches, and 405
+    for a method a route does not take, before the session middleware loads the session.
+    Then a session cookie counts as signed in, because only a sign-in sets one, and the
+    gallery link of a cookie whose session has ended leads to the sign-in page.
+    """
+    user = current_user(request) if "session" in request.scope else None
+    if "session" in request.scope:
+        signed_in = user is not None
+    else:
+        signed_in = SESSION_COOKIE in request.cookies
+    return {
+        "user": user,
+        "signed_in": signed_in,
+        "public_page": request.url.path.startswith(SHARE_PATH_PREFIX),
+    }
+
+
 def redirect_to_signin(request: Request[Any, Any, Any], _: HTTPException) -> Response[Any]:
     """Send a visitor without a session to the sign-in page, through htmx when it asked."""
     signin_url = request.app.route_reverse("accounts:signin-page")
@@ -86,7 +116,7 @@ def redirect_to_signin(request: Request[Any, Any, Any], _: HTTPException) -> Res
 def show_not_found(request: Request[Any, Any, Any], error: HTTPException) -> Response[Any]:
     if _is_htmx(request):
         return Response(error.detail, status_code=HTTP_404_NOT_FOUND, media_type="text/plain")
-    context = {"message": error.detail}
+    context = {"message": error.detail, **_page_context(request)}
     return Template("not_found.html", context=context, status_code=HTTP_404_NOT_FOUND)
 
 
@@ -110,6 +140,7 @@ def show_error(request: Request[Any, Any, Any], error: Exception) -> Response[An
         return Response(message, status_code=status_code, headers=headers, media_type="text/plain")
     reason = HTTPStatus(status_code).phrase
     context = {"status_code": status_code, "reason": reason, "text": text}
+    context |= _page_context(request)
     return Template("error.html", context=context, status_code=status_code, headers=headers)
 
 
@@ -139,6 +170,7 @@ def show_unavailable(request: Request[Any, Any, Any], error: Exception) -> Respo
         "status_code": HTTP_503_SERVICE_UNAVAILABLE,
         "reason": HTTPStatus.SERVICE_UNAVAILABLE.phrase,
         "text": text,
+        **_page_context(request),
     }
     return Template(
         "error.html", context=context, status_code=HTTP_503_SERVICE_UNAVAILABLE, headers=headers
