@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import re
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,6 +27,20 @@ async def plain_form(client) -> tuple[str, dict[str, str]]:
     )
     fields = {name: html.unescape(value) for name, value in FIELD.findall(page.text)}
     return action, fields
+
+
+def policy_of(fields: dict[str, str]) -> dict:
+    return json.loads(base64.b64decode(fields["policy"]))
+
+
+def pinned_conditions(policy: dict) -> list:
+    """Return the conditions that pin the bucket, key, size, owner and redirect."""
+    signing = ("x-amz-algorithm", "x-amz-credential", "x-amz-date")
+    return [
+        condition
+        for condition in policy["conditions"]
+        if not (isinstance(condition, dict) and set(condition) <= set(signing))
+    ]
 
 
 async def post_file(
@@ -133,3 +150,56 @@ async def test_cancel_of_finished_upload_returns_404(client, run_worker, redis):
 
     assert response.status_code == 404
     assert (await index.get_upload(redis, upload_id)).state == State.READY
+
+
+async def test_reloads_of_plain_form_leave_uploads_possible(make_client, settings, redis):
+    client = await make_client(app_settings=replace(settings, max_pending_uploads=10))
+    first_action, first_fields = await plain_form(client)
+
+    reloads = [await plain_form(client) for _ in range(29)]
+    form_request = await client.request_form("photo.jpg", "image/jpeg", 1000)
+
+    assert form_request.status_code == 201, form_request.text
+    last_action, last_fields = reloads[-1]
+    assert last_action == first_action
+    assert last_fields["key"] == first_fields["key"]
+    assert last_fields["x-amz-meta-owner"] == first_fields["x-amz-meta-owner"]
+    assert last_fields["success_action_redirect"] == first_fields["success_action_redirect"]
+    first_policy, last_policy = policy_of(first_fields), policy_of(last_fields)
+    assert last_policy["expiration"] <= first_policy["expiration"]
+    assert pinned_conditions(last_policy) == pinned_conditions(first_policy)
+    assert ["content-length-range", 1, settings.max_upload_bytes] in pinned_conditions(last_policy)
+
+
+async def test_reloaded_plain_form_still_uploads(client, run_worker, redis):
+    await plain_form(client)
+    action, fields = await plain_form(client)
+    upload_id = fields["key"].rsplit("/", 1)[1]
+
+    posted = await post_file(action, fields, make_jpeg(), "image/jpeg")
+    location = urlsplit(posted.headers["location"])
+    await client.http.get(f"{location.path}?{location.query}", follow_redirects=False)
+    await run_worker()
+
+    assert posted.status_code == 303
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+
+
+async def test_plain_form_after_posted_file_gets_new_key(client):
+    action, fields = await plain_form(client)
+    posted = await post_file(action, fields, make_jpeg(), "image/jpeg")
+
+    _, reloaded_fields = await plain_form(client)
+
+    assert posted.status_code == 303
+    assert reloaded_fields["key"] != fields["key"]
+
+
+async def test_plain_form_is_not_reused_for_another_user(make_client):
+    first, second = await make_client(), await make_client()
+    _, first_fields = await plain_form(first)
+
+    _, second_fields = await plain_form(second)
+
+    assert second_fields["key"] != first_fields["key"]
+    assert second_fields["x-amz-meta-owner"] != first_fields["x-amz-meta-owner"]

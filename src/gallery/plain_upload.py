@@ -45,6 +45,11 @@ def _user_id(request: Request[Any, Any, Any]) -> str:
     return user.id
 
 
+def _plain_form_key(user_id: str) -> str:
+    """Return the key of the id of the user's latest upload issued by the plain form page."""
+    return f"{index.PREFIX}:plain-form:{user_id}"
+
+
 @get("/uploads/new", name="images:upload-page")
 async def show_upload_form(
     request: Request[Any, Any, Any],
@@ -54,7 +59,9 @@ async def show_upload_form(
 ) -> Template:
     """Sign a form for one file of any allowed type and show it as a plain HTML form.
 
-    The browser does not tell S3 the file's name, so the photo is named by its upload time.
+    A reload signs the form of the user's last plain upload again while it is unused and
+    has at least half its time left, so reloads take no further pending slot or quota. The
+    browser does not tell S3 the file's name, so the photo is named by its upload time.
     """
     user_id = _user_id(request)
     context: dict[str, Any] = {
@@ -67,8 +74,12 @@ async def show_upload_form(
         path = request.app.route_reverse("images:upload-done", upload_id=upload_id)
         return f"{settings.app_url}{path}"
 
+    unused = await _unused_plain_upload(redis, store, settings, user_id)
+    if unused is not None:
+        return await _show_form_again(store, unused, context, redirect_url(unused.id))
+
     try:
-        _, form = await images.issue_upload(
+        upload, form = await images.issue_upload(
             redis,
             store,
             settings,
@@ -84,7 +95,50 @@ async def show_upload_form(
         return Template(
             "upload.html", context=context, status_code=refused.status_code, headers=headers
         )
+    await redis.set(_plain_form_key(user_id), upload.id, ex=settings.upload_form_seconds)
     return Template("upload.html", context=context | {"form": form})
+
+
+async def _show_form_again(
+    store: Storage, upload: Upload, context: dict[str, Any], redirect_url: str
+) -> Template:
+    """Sign an issued upload's form again, with the same key, size limit and expiry time."""
+    seconds_left = int(upload.form_expires_at - time.time())
+    form = await store.presign_upload(
+        storage.incoming_key(upload.user_id, upload.id),
+        content_type=None,
+        owner=upload.user_id,
+        max_bytes=upload.max_bytes,
+        expires_in=seconds_left,
+        redirect_url=redirect_url,
+    )
+    context |= {
+        "form": form,
+        "form_minutes": max(1, seconds_left // 60),
+        "max_mib": images.format_mib(upload.max_bytes),
+    }
+    return Template("upload.html", context=context)
+
+
+async def _unused_plain_upload(
+    redis: ArqRedis, store: Storage, settings: Settings, user_id: str
+) -> Upload | None:
+    """Return the user's last plain-form upload when its form can be shown again.
+
+    Its form must have at least half its time left, and no file may have been posted with
+    it yet, because a second file would replace the first at the same key.
+    """
+    upload_id = await redis.get(_plain_form_key(user_id))
+    if upload_id is None:
+        return None
+    upload = await index.get_owned_upload(redis, user_id, upload_id.decode())
+    if upload is None or upload.state != State.ISSUED:
+        return None
+    if upload.form_expires_at - time.time() < settings.upload_form_seconds / 2:
+        return None
+    if await store.head(storage.incoming_key(user_id, upload.id)) is not None:
+        return None
+    return upload
 
 
 @get("/uploads/{upload_id:str}/done", name="images:upload-done")
