@@ -9,7 +9,8 @@
   const MAX_MESSAGE_LENGTH = 200;
   let noteTimer = null;
 
-  // The server renders the count with the page; this keeps it current as tiles come and go.
+  // The server renders the count with the page; on the trash page this keeps it current as
+  // tiles come and go. The gallery page fetches its count and quota line again instead.
   function changeCount(delta) {
     const element = document.getElementById("count");
     if (!element) return;
@@ -39,9 +40,19 @@
     noteTimer = setTimeout(() => showMessage(""), NOTE_SECONDS * 1000);
   }
 
-  window.gallery = { changeCount, showMessage, showNote };
+  // A tile left the page because another tab or device deleted its image, so no response
+  // of ours sent an event for it.
+  function countTileGone() {
+    if (document.getElementById("summary-refresh")) {
+      htmx.trigger(document.body, "galleryChanged");
+    } else {
+      changeCount(-1);
+    }
+  }
 
-  // The app sends HX-Trigger: {"countChanged": delta} when a tile leaves or rejoins the grid.
+  window.gallery = { showMessage, showNote };
+
+  // The app sends HX-Trigger: {"countChanged": delta} when a tile leaves the trash page.
   document.addEventListener("countChanged", (event) => changeCount(Number(event.detail.value)));
 
   document.addEventListener("htmx:afterRequest", (event) => {
@@ -65,7 +76,7 @@
     if (detail.xhr.status === 404 && tile && tile.isConnected) {
       detail.shouldSwap = false;
       tile.remove();
-      changeCount(-1);
+      countTileGone();
       showNote("That image was already deleted.");
       return;
     }

@@ -159,6 +159,8 @@
       if (response.ok) {
         const body = await readJson(response);
         if (body === null) throw new Error("the server returned an unexpected response");
+        // The form reserved quota, which the quota line shows as an upload in progress.
+        galleryChanged();
         return body;
       }
       if (response.status !== 429 || attempt >= MAX_FORM_ATTEMPTS) {
@@ -179,7 +181,9 @@
       method: "DELETE",
       headers: { "x-csrftoken": csrfToken(), "HX-Request": "true" },
       credentials: "same-origin",
-    }).catch(() => undefined);
+    })
+      .then(galleryChanged)
+      .catch(() => undefined);
   }
 
   // Reports the upload done and puts the tile the app returns at the top of the grid.
@@ -197,7 +201,12 @@
     }
     const text = await response.text();
     htmx.swap("#grid", text, { swapStyle: "afterbegin" });
-    window.gallery.changeCount(1);
+    galleryChanged();
+  }
+
+  // Has the gallery page fetch its image count and quota line again.
+  function galleryChanged() {
+    htmx.trigger(document.body, "galleryChanged");
   }
 
   function formExpired(form, request) {

@@ -617,6 +617,8 @@ async def test_dropping_ten_photos_shows_ten_ready_rows(
     await expect(page.locator(".tile")).to_have_count(len(DROPPED_PHOTOS))
     await page.wait_for_function(ALL_THUMBNAILS_LOADED, arg=len(DROPPED_PHOTOS))
     await expect(page.locator("#count")).to_have_text("10 images")
+    await expect(page.locator("#quota")).to_contain_text(" and 10 of ")
+    await expect(page.locator("#quota")).not_to_contain_text("in progress")
     names = await page.locator(".upload-row .upload-name").all_text_contents()
     await page.locator("#upload-list").evaluate("(list) => list.replaceChildren()")
     await save_screenshot(page, "grid", docs=True)
@@ -633,6 +635,43 @@ async def test_dropping_ten_photos_shows_ten_ready_rows(
 
     assert sorted(names) == sorted(Path(photo).name for photo in DROPPED_PHOTOS)
     assert phone_overflow == 0
+    assert console_errors == []
+
+
+async def test_count_and_quota_line_follow_changes_without_reload(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, base_url)
+    quota = page.locator("#quota")
+    await expect(quota).to_contain_text("You use 0 bytes")
+    # A full reload would drop this mark, so the checks below see htmx's swaps only.
+    await page.evaluate("() => { window.notReloaded = true; }")
+    photo = {"name": "beach.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg(800, 600)}
+    bad = {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"plain text, not a photo"}
+
+    await page.locator("#file-input").set_input_files([photo, bad])
+    await expect(page.locator(".upload-row .upload-state").first).to_have_text("ready")
+    await expect(page.locator(".tile-rejected")).to_have_count(1)
+    await expect(quota).not_to_contain_text("0 bytes")
+    await expect(quota).to_contain_text(" and 1 of ")
+    await expect(quota).not_to_contain_text("in progress")
+    await expect(page.locator("#count")).to_have_text("1 image")
+    used_text = await quota.text_content()
+    await save_screenshot(page, "quota-after-upload")
+
+    ready_tile = page.locator(".tile", has=page.get_by_alt_text("beach.jpg"))
+    await ready_tile.get_by_role("button", name="Delete beach.jpg").click()
+    await expect(page.locator("#count")).to_be_hidden()
+    await expect(quota).to_contain_text("That includes 1 image in the trash.")
+    await page.get_by_role("button", name="Dismiss notes.jpg").click()
+    await expect(page.locator(".tile")).to_have_count(0)
+    await expect(page.locator("#empty")).to_be_visible()
+
+    assert await page.evaluate("() => window.notReloaded === true")
+    assert "You use 0 bytes" not in used_text
     assert console_errors == []
 
 

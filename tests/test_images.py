@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import re
 import time
 from dataclasses import replace
 
@@ -375,3 +376,92 @@ async def test_direction_characters_leave_the_filename(client, redis):
     persian = await index.get_upload(redis, joined.json()["id"])
     assert spoofed.filename == "gpj.exe"
     assert "\u200c" in persian.filename
+
+
+def element_text(page: str, element_id: str) -> str:
+    """Return the text of the element with this id, with its whitespace collapsed."""
+    match = re.search(rf'<p [^>]*id="{element_id}"[^>]*>(.*?)</p>', page, re.DOTALL)
+    assert match, f"no element {element_id!r} in the page"
+    return " ".join(match[1].split())
+
+
+async def test_image_count_leaves_out_processing_and_rejected(client, run_worker):
+    for number in range(2):
+        await client.upload(make_jpeg(), f"good-{number}.jpg")
+    await client.upload(make_jpeg(), "bad.png", "image/png")
+
+    while_processing = (await client.http.get("/images")).text
+    await run_worker()
+    checked = (await client.http.get("/images")).text
+    summary = await client.http.get("/images/summary", headers=HTMX)
+
+    assert element_text(while_processing, "count") == "3 processing"
+    assert element_text(checked, "count") == "2 images"
+    assert element_text(summary.text, "count") == "2 images"
+    assert "tile-rejected" in checked
+
+
+async def test_image_count_names_processing_next_to_ready(client, run_worker):
+    await client.upload(make_jpeg(), "first.jpg")
+    await run_worker()
+    await client.upload(make_jpeg(), "second.jpg")
+
+    page = (await client.http.get("/images")).text
+
+    assert element_text(page, "count") == "1 image, 1 processing"
+    assert 'id="empty"' in page
+    assert re.search(r'id="empty"[^>]*hidden', page)
+
+
+async def test_summary_fragment_swaps_out_of_band_only_for_htmx(client):
+    fragment = await client.http.get("/images/summary", headers=HTMX)
+    page = await client.http.get("/images/summary", follow_redirects=False)
+
+    assert fragment.status_code == 200
+    assert "<html" not in fragment.text
+    for element_id in ("count", "empty", "quota"):
+        assert re.search(rf'id="{element_id}"[^>]*hx-swap-oob="true"', fragment.text)
+    assert element_text(fragment.text, "quota").startswith("You use 0 bytes of 10.0 GiB")
+    assert page.status_code in (302, 303)
+    assert page.headers["location"] == "/images"
+
+
+async def test_quota_line_follows_upload_trash_and_delete(client, run_worker):
+    async def quota_line() -> str:
+        fragment = await client.http.get("/images/summary", headers=HTMX)
+        return element_text(fragment.text, "quota")
+
+    empty = await quota_line()
+    upload_id = await client.upload(make_jpeg(), "beach.jpg")
+    in_progress = await quota_line()
+    await run_worker()
+    stored = await quota_line()
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+    trashed = await quota_line()
+    await client.delete(upload_id)
+    deleted = await quota_line()
+
+    assert "0 bytes" in empty
+    assert "0 of 100000 images" in empty
+    assert "plus 1 upload in progress" in in_progress
+    assert "1 of 100000 images" in stored
+    assert "0 bytes" not in stored
+    assert "in progress" not in stored
+    assert trashed.endswith("That includes 1 image in the trash.")
+    assert deleted == empty
+
+
+async def test_grid_changes_send_gallery_changed_event(client, run_worker):
+    ready_id = await client.upload(make_jpeg(), "good.jpg")
+    rejected_id = await client.upload(make_jpeg(), "bad.png", "image/png")
+    processing_tile = await client.tile(ready_id)
+    await run_worker()
+
+    ready_tile = await client.tile(ready_id)
+    rejected_tile = await client.tile(rejected_id)
+    dismissed = await client.delete(rejected_id)
+
+    assert "hx-trigger" not in processing_tile.headers
+    assert ready_tile.headers["hx-trigger"] == "galleryChanged"
+    assert rejected_tile.headers["hx-trigger"] == "galleryChanged"
+    assert dismissed.headers["hx-trigger"] == "galleryChanged"

@@ -96,7 +96,7 @@ async def test_outstanding_form_reserves_its_size(make_client, settings, redis):
 
     assert first.status_code == 201
     assert second.status_code == 403
-    assert "plus 1 uploads in progress (600 bytes)" in second.json()["error"]
+    assert "plus 1 upload in progress (600 bytes)" in second.json()["error"]
     assert third.status_code == 201
     usage = await quotas.get_usage(redis, await _user_id(redis, first.json()["id"]))
     assert (usage.reserved_bytes, usage.reserved_images) == (1000, 2)

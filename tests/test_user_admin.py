@@ -178,6 +178,7 @@ async def test_delete_removes_every_trace_of_user(
     user_id = await _user_id(redis, client.username)
     kept_id = await neighbour.upload(make_jpeg(color=(10, 200, 10)))
     image_ids = [await client.upload(make_jpeg(color=(30 * i, 60, 90))) for i in range(3)]
+    rejected_id = await client.upload(make_jpeg(), "not-a.png", "image/png")
     await run_worker()
     path = await _share_path(client, image_ids[:2])
     await client.http.post(f"/images/{image_ids[2]}/trash", headers=client.csrf)
@@ -197,12 +198,12 @@ async def test_delete_removes_every_trace_of_user(
     assert result.exit_code == 0, result.output
     assert "with 3 images" in result.output
     assert (
-        f"deleted user {client.username}: 4 uploads, 13 objects, 1 share links and 1 sessions"
+        f"deleted user {client.username}: 5 uploads, 13 objects, 1 share links and 1 sessions"
         in result.output
     )
     assert await _bucket_keys(store, user_id) == []
     assert await _keys_naming(redis, user_id) == []
-    for upload_id in [*image_ids, unfinished]:
+    for upload_id in [*image_ids, rejected_id, unfinished]:
         assert await index.get_upload(redis, upload_id) is None
         assert await redis.zscore(index.PENDING_KEY, upload_id) is None
         assert await redis.zscore(index.TRASHED_KEY, upload_id) is None

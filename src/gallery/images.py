@@ -89,7 +89,6 @@ async def list_images(
     context = {
         "tiles": await make_tiles(uploads, store),
         "next_cursor": next_cursor,
-        "count": await index.count_grid(redis, user_id),
         "user": current_user(request),
         "settings": settings,
         "allowed_types": storage.ALLOWED_UPLOAD_TYPES,
@@ -97,19 +96,51 @@ async def list_images(
     }
     if request.htmx and before:
         return HTMXTemplate(template_name="_grid_page.html", context=context)
-    context |= await upload_limits(redis, user_id, settings)
+    context |= await _summary_context(redis, user_id, settings)
     return Template("gallery.html", context=context)
 
 
-async def upload_limits(redis: ArqRedis, user_id: str, settings: Settings) -> dict[str, Any]:
-    """Return the upload page's quota line and the largest file a form may be signed for."""
+@get("/images/summary", name="images:summary")
+async def show_summary(
+    request: HTMXRequest, redis: NamedDependency[ArqRedis], settings: NamedDependency[Settings]
+) -> Template | Redirect:
+    """Render the gallery page's image count, empty note and quota line, swapped out of band.
+
+    The page requests this on the galleryChanged event, after uploads, deletes and the
+    worker's checks.
+    """
+    if not request.htmx:
+        return Redirect(request.app.route_reverse("images:gallery"))
+    context = await _summary_context(redis, _user_id(request), settings)
+    return HTMXTemplate(template_name="_summary.html", context=context)
+
+
+async def _summary_context(redis: ArqRedis, user_id: str, settings: Settings) -> dict[str, Any]:
+    counts = await index.count_images(redis, user_id)
+    return {
+        "count": counts.ready,
+        "processing": counts.processing,
+        "tiles_count": counts.tiles,
+        **await upload_limits(redis, user_id, settings, trashed=counts.trashed),
+    }
+
+
+async def upload_limits(
+    redis: ArqRedis, user_id: str, settings: Settings, *, trashed: int | None = None
+) -> dict[str, Any]:
+    """Return the upload page's quota line and the largest file a form may be signed for.
+
+    `trashed` is the number of images in the trash, counted here when not given.
+    """
     quota, usage = await quotas.get_quota_and_usage(redis, user_id, settings)
     space_left = usage.space_left(quota)
     largest = settings.max_upload_bytes
     if space_left is not None:
         largest = min(largest, space_left)
+    if trashed is None:
+        trashed = await index.count_trash(redis, user_id)
     return {
-        "quota_text": quotas.describe(quota, usage),
+        "quota_text": quotas.describe(quota, usage, trashed),
         "max_file_bytes": largest,
         "max_mib": format_mib(largest),
     }
@@ -307,7 +338,9 @@ async def show_tile(
     if not request.htmx:
         return Redirect(request.app.route_reverse("images:gallery"))
     tiles = await make_tiles([upload], store)
-    return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]})
+    # A tile whose check has ended changes the counts and the quota.
+    headers = {} if upload.is_processing else trash.GALLERY_CHANGED
+    return HTMXTemplate(template_name="_tile.html", context={"tile": tiles[0]}, headers=headers)
 
 
 @delete("/uploads/{upload_id:str}", name="images:cancel-upload", status_code=HTTP_200_OK)
@@ -414,9 +447,12 @@ async def delete_image(
     await trash.delete_forever(redis, store, upload)
     if not request.htmx:
         return Redirect(request.app.route_reverse("trash:list"), status_code=HTTP_303_SEE_OTHER)
-    # An image in the trash had already left the grid's count.
-    in_grid = upload.state != State.TRASHED
-    headers = trash.count_changed(-1) if in_grid else {}
+    # A trashed image is deleted from the trash page, which counts down. The gallery page
+    # fetches its counts and quota line again.
+    if upload.state == State.TRASHED:
+        headers = trash.count_changed(-1)
+    else:
+        headers = trash.GALLERY_CHANGED
     return Response("", media_type="text/html", headers=headers)
 
 
@@ -425,6 +461,7 @@ router = Router(
     guards=[require_user],
     route_handlers=[
         list_images,
+        show_summary,
         create_upload,
         complete_upload,
         cancel_upload,

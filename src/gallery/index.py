@@ -102,6 +102,15 @@ def _user_pending_key(user_id: str) -> str:
     return f"{PREFIX}:user-pending:{user_id}"
 
 
+def _user_rejected_key(user_id: str) -> str:
+    """Return the key of a user's rejected uploads, which stay in the grid until dismissed.
+
+    A set of upload ids. NOTE: uploads rejected before this set existed are missing from
+    it, so the grid's ready count includes them until they are dismissed.
+    """
+    return f"{PREFIX}:user-rejected:{user_id}"
+
+
 class TooManyPendingUploads(Exception):
     """The user already has the maximum number of uploads waiting to be verified."""
 
@@ -145,7 +154,9 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return '' end
 if state == 'ready' or state == 'rejected' then return state end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return redis.call('HGET', KEYS[1], 'state')
+state = redis.call('HGET', KEYS[1], 'state')
+if state == 'rejected' then redis.call('SADD', KEYS[4], ARGV[1]) end
+return state
 """
 
 
@@ -376,7 +387,12 @@ async def mark_rejected(redis: Redis, upload: Upload, reason: str) -> bool:
 async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
     """Apply a final state, and return whether the record now has exactly that state."""
     flat = [item for pair in values.items() for item in pair]
-    keys = (_record_key(upload.id), PENDING_KEY, _user_pending_key(upload.user_id))
+    keys = (
+        _record_key(upload.id),
+        PENDING_KEY,
+        _user_pending_key(upload.user_id),
+        _user_rejected_key(upload.user_id),
+    )
     final_state = await redis.eval(_FINISH, len(keys), *keys, upload.id, *flat)
     if isinstance(final_state, bytes):
         final_state = final_state.decode()
@@ -390,6 +406,7 @@ async def delete_upload(redis: Redis, upload: Upload) -> bool:
         pipe.zrem(_grid_key(upload.user_id), upload.id)
         pipe.zrem(PENDING_KEY, upload.id)
         pipe.zrem(_user_pending_key(upload.user_id), upload.id)
+        pipe.srem(_user_rejected_key(upload.user_id), upload.id)
         pipe.zrem(_trash_key(upload.user_id), upload.id)
         pipe.zrem(TRASHED_KEY, upload.id)
         deleted, *_ = await pipe.execute()
@@ -426,7 +443,8 @@ async def delete_user_uploads(redis: Redis, user_id: str, *, batch_size: int = 5
             for key in (PENDING_KEY, TRASHED_KEY, *user_sets):
                 pipe.zrem(key, *batch)
             await pipe.execute()
-    await redis.delete(*user_sets)
+    # The rejected uploads are in the grid, so only their set itself is left.
+    await redis.delete(*user_sets, _user_rejected_key(user_id))
     return len(upload_ids)
 
 
@@ -497,6 +515,32 @@ async def list_grid(
 
 async def count_grid(redis: Redis, user_id: str) -> int:
     return await redis.zcard(_grid_key(user_id))
+
+
+@dataclass(frozen=True)
+class ImageCounts:
+    """A user's grid tiles, those of them still processing and rejected, and the trash."""
+
+    tiles: int
+    processing: int
+    rejected: int
+    trashed: int
+
+    @property
+    def ready(self) -> int:
+        return max(self.tiles - self.processing - self.rejected, 0)
+
+
+async def count_images(redis: Redis, user_id: str) -> ImageCounts:
+    """Count a user's grid tiles by state and the trash, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(_grid_key(user_id))
+        # Issued uploads are scored by their form's expiry, and those in the grid by +inf.
+        pipe.zcount(_user_pending_key(user_id), "+inf", "+inf")
+        pipe.scard(_user_rejected_key(user_id))
+        pipe.zcard(_trash_key(user_id))
+        tiles, processing, rejected, trashed = await pipe.execute()
+    return ImageCounts(tiles=tiles, processing=processing, rejected=rejected, trashed=trashed)
 
 
 async def due_uploads(redis: Redis, now: float, *, limit: int = 1000) -> list[Upload]:

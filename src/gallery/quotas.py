@@ -252,8 +252,11 @@ def format_bytes(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def describe(quota: Quota, usage: Usage) -> str:
-    """Return a sentence with the quota and the usage, for the upload page and errors."""
+def describe(quota: Quota, usage: Usage, trashed: int = 0) -> str:
+    """Return a sentence with the quota and the usage, for the upload page and errors.
+
+    `trashed` is how many of the images are in the trash, which count until deleted forever.
+    """
     parts = []
     if quota.max_bytes:
         parts.append(f"{format_bytes(usage.bytes)} of {format_bytes(quota.max_bytes)}")
@@ -265,8 +268,12 @@ def describe(quota: Quota, usage: Usage) -> str:
         parts.append(f"{usage.images} images (no image limit)")
     text = f"You use {parts[0]} and {parts[1]}"
     if usage.reserved_images:
+        uploads = "upload" if usage.reserved_images == 1 else "uploads"
         text += (
-            f", plus {usage.reserved_images} uploads in progress "
+            f", plus {usage.reserved_images} {uploads} in progress "
             f"({format_bytes(usage.reserved_bytes)})"
         )
-    return text + "."
+    text += "."
+    if trashed:
+        text += f" That includes {trashed} {'image' if trashed == 1 else 'images'} in the trash."
+    return text

@@ -88,8 +88,13 @@ async def _tag_trashed(store: Storage, upload: Upload, trashed_at: float | None)
 
 
 def count_changed(delta: int) -> dict[str, str]:
-    """Return the htmx header that triggers the page's countChanged event with `delta`."""
+    """Return the htmx header that triggers the trash page's countChanged event with `delta`."""
     return {"HX-Trigger": json.dumps({"countChanged": delta})}
+
+
+# The htmx header after a change to the grid or the quota, on which the gallery page
+# fetches its image count and quota line again.
+GALLERY_CHANGED = {"HX-Trigger": "galleryChanged"}
 
 
 @get("/trash", name="trash:list")
@@ -144,7 +149,7 @@ async def move_to_trash(
     if not request.htmx:
         return Redirect(f"{gallery_url}?trashed={upload.id}", status_code=HTTP_303_SEE_OTHER)
     context = {"upload": upload, "in_place": True}
-    return Template("_trashed.html", context=context, headers=count_changed(-1))
+    return Template("_trashed.html", context=context, headers=GALLERY_CHANGED)
 
 
 @post("/images/{image_id:str}/restore", name="trash:restore", status_code=HTTP_200_OK)
@@ -175,7 +180,7 @@ async def restore_image(
         return Redirect(f"{trash_url}?restored={upload.id}", status_code=HTTP_303_SEE_OTHER)
     if request.htmx.target == f"trashed-{upload.id}":
         tiles = await make_tiles([upload], store)
-        return Template("_tile.html", context={"tile": tiles[0]}, headers=count_changed(1))
+        return Template("_tile.html", context={"tile": tiles[0]}, headers=GALLERY_CHANGED)
     context = {"upload": upload}
     return Template("_restored.html", context=context, headers=count_changed(-1))
 
