@@ -137,6 +137,9 @@ async def test_share_from_grid_then_revoke(
     await expect(
         visitor.get_by_text("This link does not exist, has expired or was revoked.")
     ).to_be_visible()
+    # The visitor has no account, so the page links nowhere into the app.
+    await expect(visitor.get_by_role("link", name="Back to your gallery")).to_have_count(0)
+    await expect(visitor.locator("a[href^='/']")).to_have_count(0)
     await visitor_context.close()
 
     assert owner_url == f"{base_url}/shares"
