@@ -152,3 +152,26 @@ def test_dev_serves_processes_and_stops_everything(tmp_path):
 
 def _s3_origin(html: str) -> str:
     return re.search(r'src="(http://127\.0\.0\.1:\d+)/', html).group(1)
+
+
+def test_second_dev_on_same_folder_stops_with_message(tmp_path):
+    data_dir = tmp_path / "gallery-data"
+    environ = {key: value for key, value in os.environ.items() if key not in ENV_NAMES.values()}
+    environ |= {"GALLERY_DATA_DIR": str(data_dir), "GALLERY_PORT": str(free_port())}
+
+    with running_dev(data_dir, free_port()) as url:
+        second = subprocess.run(
+            [sys.executable, "-m", "gallery.cli", "dev"],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        still_serving = httpx.get(f"{url}/signin").status_code
+
+    assert second.returncode == 1
+    assert "another `gallery dev` (process " in second.stderr
+    assert f"is running on {data_dir}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert still_serving == 200

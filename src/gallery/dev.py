@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +16,13 @@ from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
-from gallery.embedded import EmbeddedRedis, EmbeddedS3, free_port, is_port_free
+from gallery.embedded import (
+    EmbeddedRedis,
+    EmbeddedS3,
+    EmbeddedServerError,
+    free_port,
+    is_port_free,
+)
 from gallery.logs import configure_logging
 from gallery.settings import Settings
 
@@ -63,6 +70,7 @@ def _exit_on_signal(signum: int, _: object) -> None:
 
 def _start_embedded_services(settings: Settings, stack: ExitStack) -> Settings:
     data_dir = settings.data_dir.resolve()
+    _lock_data_dir(data_dir, stack)
     secrets_ = _load_or_make_secrets(data_dir / "secrets.json")
     s3_port = int(secrets_["s3_port"])
     if not is_port_free(s3_port):
@@ -91,6 +99,28 @@ def _start_embedded_services(settings: Settings, stack: ExitStack) -> Settings:
         aws_secret_access_key=secrets_["s3_secret_key"],
         secret_key=settings.secret_key or secrets_["app_secret_key"],
     )
+
+
+def _lock_data_dir(data_dir: Path, stack: ExitStack) -> None:
+    """Hold a lock on the data folder while this process runs, or raise if another holds it.
+
+    A second `gallery dev` on the same folder would start servers on the first one's data.
+    The lock file names the process that holds it.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = stack.enter_context((data_dir / "dev.lock").open("a+"))
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        raise EmbeddedServerError(
+            f"another `gallery dev` (process {holder}) is running on {data_dir}. Stop it "
+            "first, or set GALLERY_DATA_DIR to another folder."
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
 
 
 def _load_or_make_secrets(path: Path) -> dict[str, str]:
