@@ -30,6 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery import accounts, errors, health, images, metrics, plain_upload, share_pages, trash
 from gallery.logs import request_log_middleware
+from gallery.proxies import trusted_proxies_middleware
 from gallery.security import security_headers, security_headers_middleware
 from gallery.sessions import SESSION_NAMESPACE, SessionConfig
 from gallery.settings import Settings
@@ -109,6 +110,8 @@ def create_app(settings: Settings) -> Litestar:
             )
         },
         middleware=[
+            # First, so the request log and the per-address limits see the real client.
+            trusted_proxies_middleware(settings.trusted_proxy_networks),
             request_log_middleware,
             security_headers_middleware(security_headers(settings)),
             # Health checks run without loading a session, so /readyz reports a Redis

@@ -56,6 +56,9 @@ def serve() -> None:
         log_config=None,
         # The app logs each request itself, with its id and duration.
         access_log=False,
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default; the app decides instead,
+        # from GALLERY_TRUSTED_PROXIES.
+        proxy_headers=False,
     )
 
 

@@ -61,6 +61,8 @@ def run_dev(settings: Settings) -> None:
             port=settings.port,
             log_config=None,
             access_log=False,
+            # GALLERY_TRUSTED_PROXIES decides whether X-Forwarded-For is read, not uvicorn.
+            proxy_headers=False,
         )
 
 

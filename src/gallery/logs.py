@@ -140,10 +140,12 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> logg
 
 
 def request_log_middleware(app: ASGIApp) -> ASGIApp:
-    """Log one line per HTTP request with its id, status, duration and user.
+    """Log one line per HTTP request with its id, status, duration, user and client address.
 
-    The id comes from a valid X-Request-ID header or is made here, and the response
-    carries it back. The line has the path without its query string.
+    The client address is the one the per-address limits count, which the trusted proxies
+    middleware has put in the scope before this one runs. The id comes from a valid
+    X-Request-ID header or is made here, and the response carries it back. The line has
+    the path without its query string.
     """
 
     async def log_request(scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,14 +190,17 @@ def _request_id(scope: Scope) -> str:
 def _log_request(scope: Scope, request_id: str, status: int, duration_ms: float) -> None:
     session = scope.get("session")
     user_id = session.get("user_id", "") if isinstance(session, dict) else ""
+    client = scope.get("client")
+    address = client[0] if client else "-"
     request_logger.info(
-        "request %s %s %s %d in %.1f ms user %s",
+        "request %s %s %s %d in %.1f ms user %s from %s",
         request_id,
         scope["method"],
         scope["path"],
         status,
         duration_ms,
         user_id or "-",
+        address,
         extra={
             "request_id": request_id,
             "method": scope["method"],
@@ -203,6 +208,7 @@ def _log_request(scope: Scope, request_id: str, status: int, duration_ms: float)
             "status": status,
             "duration_ms": round(duration_ms, 1),
             "user_id": user_id,
+            "client": address,
         },
     )
 

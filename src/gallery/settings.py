@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -57,6 +58,10 @@ class Settings:
     # Anyone who reaches the app may create an account; false leaves that to
     # `gallery create-user`.
     open_signup: bool = True
+    # Comma-separated IP addresses and CIDR networks of the reverse proxies in front of the
+    # app. Only a request whose direct peer is in this list has its client address taken
+    # from X-Forwarded-For. Empty trusts no proxy.
+    trusted_proxies: str = ""
     data_dir: Path = Path(".gallery")
 
     # Uploads and images
@@ -221,11 +226,28 @@ class Settings:
                 f"GALLERY_LOG_LEVEL={self.log_level!r} is invalid: expected one of "
                 f"{', '.join(LOG_LEVELS)}"
             )
+        self._check_trusted_proxies()
         if self.secret_key and len(self.secret_key) < MIN_SECRET_KEY_LENGTH:
             raise SettingsError(
                 f"GALLERY_SECRET_KEY is too short ({len(self.secret_key)} characters): "
                 f"expected at least {MIN_SECRET_KEY_LENGTH} random characters"
             )
+
+    def _check_trusted_proxies(self) -> None:
+        for entry in _list_entries(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError as error:
+                raise SettingsError(
+                    f"GALLERY_TRUSTED_PROXIES={self.trusted_proxies!r} is invalid: {error}. "
+                    "Expected comma-separated IP addresses or CIDR networks, "
+                    "such as 10.0.0.5,192.168.1.0/24"
+                ) from None
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The networks of GALLERY_TRUSTED_PROXIES; a single address is a /32 or /128."""
+        return tuple(ipaddress.ip_network(entry) for entry in _list_entries(self.trusted_proxies))
 
     @property
     def uses_embedded_services(self) -> bool:
@@ -269,6 +291,11 @@ class Settings:
                 "random characters"
             )
         return self
+
+
+def _list_entries(value: str) -> list[str]:
+    """Split a comma-separated setting into its entries, without blanks."""
+    return [entry.strip() for entry in value.split(",") if entry.strip()]
 
 
 def _env_name(field_name: str) -> str:
