@@ -132,11 +132,22 @@
     return document.getElementById("viewer-frame");
   }
 
+  // While the overlay is open, everything around it is inert: Tab and screen readers stay
+  // in the dialog, as with a modal <dialog>. The message area stays live, for its notes.
+  function setViewing(viewing) {
+    document.body.classList.toggle("viewing", viewing);
+    const main = document.getElementById("main");
+    for (const element of [...document.body.children, ...main.children]) {
+      if (element === main || element.id === "viewer" || element.id === "messages") continue;
+      element.inert = viewing;
+    }
+  }
+
   function closeOverlay() {
     const frame = viewerFrame();
     if (!frame || !frame.classList.contains("overlay")) return false;
     frame.remove();
-    document.body.classList.remove("viewing");
+    setViewing(false);
     history.pushState({}, "", frame.querySelector(".viewer-close").href);
     // Focus goes to the tile of the image last shown, so the keyboard user keeps their place.
     const link = document.querySelector("#tile-" + frame.dataset.imageId + " a.frame");
@@ -148,7 +159,7 @@
     const frame = viewerFrame();
     const target = event.detail.target;
     if (!target || target.id !== "viewer" || !frame) return;
-    document.body.classList.toggle("viewing", frame.classList.contains("overlay"));
+    setViewing(frame.classList.contains("overlay"));
     frame.focus();
   });
 
@@ -166,7 +177,7 @@
     const atViewer = location.pathname.endsWith("/view");
     if (frame && frame.classList.contains("overlay") && !atViewer) {
       frame.remove();
-      document.body.classList.remove("viewing");
+      setViewing(false);
     } else if (atViewer !== Boolean(frame)) {
       location.reload();
     }

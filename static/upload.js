@@ -61,6 +61,8 @@
     bar.setAttribute("aria-label", "Upload progress of " + file.name);
     const state = document.createElement("span");
     state.className = "upload-state";
+    // Screen readers announce each new state, such as "ready" or the reason for a rejection.
+    state.setAttribute("aria-live", "polite");
     const cancel = button("Cancel", "Cancel the upload of " + file.name);
     const retry = button("Retry", "Retry the upload of " + file.name);
     retry.hidden = true;

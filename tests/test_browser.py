@@ -967,7 +967,7 @@ async def test_trash_undo_restore_and_delete_forever(
     await expect(page.locator(".tile")).to_have_count(1)
     await page.goto(f"{base_url}/trash")
     page.on("dialog", lambda dialog: dialog.accept())
-    await page.get_by_role("button", name="Delete older.jpg forever").click()
+    await page.get_by_role("button", name="Delete forever older.jpg").click()
     await expect(page.locator(".tile")).to_have_count(0)
     await expect(page.locator("#empty")).to_have_text("The trash is empty.")
 
