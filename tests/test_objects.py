@@ -76,10 +76,8 @@ async def test_unreachable_s3_raises_endpoint_connection_error(settings: Setting
 
 
 @asynccontextmanager
-async def store_on_fake_s3(
-    settings: Settings, handler: Callable[[web.Request], web.StreamResponse]
-) -> AsyncIterator[Storage]:
-    """Serve `handler` for every path on 127.0.0.1 and hand over a Storage that uses it."""
+async def fake_s3(handler: Callable[[web.Request], web.StreamResponse]) -> AsyncIterator[str]:
+    """Serve `handler` for every path on 127.0.0.1 and hand over its URL."""
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", handler)
     runner = web.AppRunner(app)
@@ -87,12 +85,21 @@ async def store_on_fake_s3(
     port = free_port()
     await web.TCPSite(runner, HOST, port).start()
     try:
-        async with Storage.open(
-            replace(settings, s3_endpoint_url=f"http://{HOST}:{port}")
-        ) as store:
-            yield store
+        yield f"http://{HOST}:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def store_on_fake_s3(
+    settings: Settings, handler: Callable[[web.Request], web.StreamResponse]
+) -> AsyncIterator[Storage]:
+    """Hand over a Storage whose S3 endpoint is a fake that serves `handler`."""
+    async with (
+        fake_s3(handler) as endpoint_url,
+        Storage.open(replace(settings, s3_endpoint_url=endpoint_url)) as store,
+    ):
+        yield store
 
 
 def slow_down(failures: int, requests: list[str]) -> Callable[[web.Request], web.StreamResponse]:
@@ -144,3 +151,22 @@ async def test_body_without_length_is_counted_against_the_limit(settings: Settin
 
     assert stored is not None
     assert stored.body == (b"y" * size if size <= 100 else None)
+
+
+async def test_proxy_from_environment_carries_requests(settings: Settings, monkeypatch):
+    requests: list[str] = []
+    async with fake_s3(slow_down(0, requests)) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        # Nothing listens at the endpoint itself, so only the proxy can answer.
+        unreachable = replace(settings, s3_endpoint_url=f"http://{HOST}:{free_port()}")
+        async with Storage.open(unreachable) as store:
+            await store.write(new_key(), b"x", content_type="image/jpeg", metadata={})
+
+        monkeypatch.setenv("NO_PROXY", HOST)
+        async with Storage.open(unreachable) as store:
+            with pytest.raises(EndpointConnectionError):
+                await store.delete([new_key()])
+
+    assert requests == ["PUT"]

@@ -17,8 +17,10 @@ import os
 import random
 import re
 import ssl
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 import aiohttp
 from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError
@@ -72,8 +74,11 @@ class ObjectClient:
     def open_session(cls, endpoint_url: str) -> aiohttp.ClientSession:
         """Return a session for `endpoint_url` with botocore's proxy and CA settings.
 
-        Proxies come from HTTP_PROXY, HTTPS_PROXY and NO_PROXY, and an HTTPS endpoint is
-        verified against AWS_CA_BUNDLE when it is set, otherwise botocore's bundle.
+        The proxy comes from HTTP_PROXY, HTTPS_PROXY and NO_PROXY, read once here, and an
+        HTTPS endpoint is verified against AWS_CA_BUNDLE when it is set, otherwise
+        botocore's bundle. aiohttp's own trust_env is off: it reads the environment and
+        ~/.netrc in a thread for every request, and netrc credentials would clash with the
+        signature's Authorization header.
         """
         context: ssl.SSLContext | bool = False
         if endpoint_url.startswith("https:"):
@@ -85,7 +90,7 @@ class ObjectClient:
             timeout=aiohttp.ClientTimeout(
                 sock_connect=CONNECT_TIMEOUT_SECONDS, sock_read=READ_TIMEOUT_SECONDS
             ),
-            trust_env=True,
+            proxy=_environment_proxy(endpoint_url),
             # The signature covers the headers sent, so aiohttp must add none of its own.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
@@ -168,6 +173,14 @@ class ObjectClient:
         if isinstance(error, aiohttp.ClientConnectorError):
             raise EndpointConnectionError(endpoint_url=url) from error
         raise HTTPClientError(error=error) from error
+
+
+def _environment_proxy(endpoint_url: str) -> str | None:
+    """Return the proxy URL that the environment names for `endpoint_url`, if any."""
+    parts = urlsplit(endpoint_url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)
 
 
 async def _backoff(attempt: int) -> None:
