@@ -2,7 +2,7 @@
 
 The worker makes six such requests per upload, in the process that also runs its event
 loop. In 200 requests of each kind on the 2-core machine of docs/benchmarks.md,
-aiobotocore used 1.9 to 4.1 ms of CPU per request and this client 0.8 to 2.5 ms, because
+aiobotocore used 1.8 to 4.2 ms of CPU per request and this client 0.3 to 1.5 ms, because
 botocore resolves endpoint rules, runs event hooks and builds a user agent for each one.
 Errors are botocore's exceptions, so callers handle them as they handle the rest of the
 client's: ClientError for an error response, and EndpointConnectionError or
