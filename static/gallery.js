@@ -52,6 +52,15 @@
 
   window.gallery = { showMessage, showNote };
 
+  // A note that a response swaps into the message area with data-passing goes away like
+  // one from showNote.
+  document.addEventListener("htmx:oobAfterSwap", (event) => {
+    const target = event.detail.target;
+    if (target.id !== "messages" || !target.querySelector("[data-passing]")) return;
+    clearTimeout(noteTimer);
+    noteTimer = setTimeout(() => showMessage(""), NOTE_SECONDS * 1000);
+  });
+
   // The app sends HX-Trigger: {"countChanged": delta} when a tile leaves the trash page.
   document.addEventListener("countChanged", (event) => changeCount(Number(event.detail.value)));
 

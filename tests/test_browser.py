@@ -978,6 +978,27 @@ async def test_trash_undo_restore_and_delete_forever(
     assert all("500" in error for error in console_errors), console_errors
 
 
+async def test_undo_replaces_notice_with_passing_note(
+    page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+    photo = {"name": "undone.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+    await page.locator("#file-input").set_input_files([photo])
+    await expect(page.locator(".upload-row .upload-state")).to_have_text("ready")
+    tile = page.locator(".tile", has=page.get_by_alt_text("undone.jpg"))
+
+    await tile.get_by_role("button", name="Delete undone.jpg").click()
+    await expect(page.locator("#messages")).to_contain_text("Moved undone.jpg to the trash.")
+    await page.get_by_role("button", name="Undo: restore undone.jpg").click()
+
+    await expect(page.locator(".tile")).to_have_count(1)
+    await expect(page.locator("#messages .note")).to_have_text("Restored undone.jpg.")
+    await expect(page.locator("#messages button")).to_have_count(0)
+    await save_screenshot(page, "undo-restored")
+    # The note goes away by itself, as gallery.js's other notes do.
+    await expect(page.locator("#messages .note")).to_have_count(0)
+    assert console_errors == []
+
 async def test_network_error_offers_retry_that_succeeds(
     page: Page,
     base_url: str,

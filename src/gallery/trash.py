@@ -162,9 +162,9 @@ async def restore_image(
 ) -> Template | Redirect:
     """Take an image out of the trash, back to its place in the grid.
 
-    Undo in the grid gets the tile back; the trash page gets its entry removed. Without
-    JavaScript, the browser goes back to the gallery when `back_to` is "gallery", and
-    otherwise to the trash page.
+    Undo in the grid gets the tile back, with a note in place of the Undo notice. The trash
+    page gets its entry removed. Without JavaScript, the browser goes back to the gallery
+    when `back_to` is "gallery", and otherwise to the trash page.
     """
     upload = await _owned(redis, request, image_id)
     if upload.state != State.TRASHED or not await _tag_trashed(store, upload, None):
@@ -180,7 +180,7 @@ async def restore_image(
         return Redirect(f"{trash_url}?restored={upload.id}", status_code=HTTP_303_SEE_OTHER)
     if request.htmx.target == f"trashed-{upload.id}":
         tiles = await make_tiles([upload], store)
-        return Template("_tile.html", context={"tile": tiles[0]}, headers=GALLERY_CHANGED)
+        return Template("_undone.html", context={"tile": tiles[0]}, headers=GALLERY_CHANGED)
     context = {"upload": upload}
     return Template("_restored.html", context=context, headers=count_changed(-1))
 
