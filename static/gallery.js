@@ -89,6 +89,12 @@
       showNote("That image was already deleted.");
       return;
     }
+    // Delete forever of an image that another tab or device has restored: the server kept
+    // it, and its stale entry leaves the trash page while the message says why.
+    if (detail.xhr.status === 409 && tile && tile.dataset.state === "trashed") {
+      tile.remove();
+      countTileGone();
+    }
     clearTimeout(noteTimer);
     const text = (detail.xhr.responseText || "").trim();
     const usable = text && text.length <= MAX_MESSAGE_LENGTH && !text.startsWith("<");

@@ -999,6 +999,53 @@ async def test_undo_replaces_notice_with_passing_note(
     await expect(page.locator("#messages .note")).to_have_count(0)
     assert console_errors == []
 
+
+async def test_stale_trash_tab_cannot_delete_restored_photo(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    redis: ArqRedis,
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, base_url)
+    for name in ("kept.jpg", "gone.jpg"):
+        photo = {"name": name, "mimeType": "image/jpeg", "buffer": make_jpeg()}
+        await page.locator("#file-input").set_input_files([photo])
+        await expect(page.locator(".upload-row .upload-state").last).to_have_text("ready")
+    for name in ("kept.jpg", "gone.jpg"):
+        tile = page.locator(".tile", has=page.get_by_alt_text(name))
+        await tile.get_by_role("button", name=f"Delete {name}").click()
+        await expect(tile).to_have_count(0)
+    await page.goto(f"{base_url}/trash")
+    await expect(page.locator("#count")).to_have_text("2 photos in the trash")
+    kept_tile = page.locator(".tile", has=page.get_by_alt_text("kept.jpg"))
+    kept_id = (await kept_tile.get_attribute("id")).removeprefix("tile-")
+    other_tab = await page.context.new_page()
+    await other_tab.goto(f"{base_url}/trash")
+    await other_tab.get_by_role("button", name="Restore kept.jpg").click()
+    await expect(other_tab.locator("#messages")).to_contain_text("Restored kept.jpg.")
+    page.on("dialog", lambda dialog: dialog.accept())
+
+    await kept_tile.get_by_role("button", name="Delete forever kept.jpg").click()
+
+    await expect(page.locator("#messages .error")).to_have_text(
+        "kept.jpg is in your gallery, not in the trash, so it was not deleted."
+    )
+    await expect(kept_tile).to_have_count(0)
+    await expect(page.locator("#count")).to_have_text("1 photo in the trash")
+    await save_screenshot(page, "trash-stale-delete")
+    assert (await redis.hget(f"gallery:upload:{kept_id}", "state")) == b"ready"
+
+    await page.get_by_role("button", name="Delete forever gone.jpg").click()
+
+    await expect(page.locator("#messages .note")).to_have_text("Deleted gone.jpg forever.")
+    await expect(page.locator("#empty")).to_have_text("The trash is empty.")
+    await expect(page.locator("#count")).to_be_hidden()
+    await save_screenshot(page, "trash-deleted-forever")
+    # Chromium logs the 409 as a failed resource load; nothing else may appear.
+    assert all("409" in error for error in console_errors), console_errors
+
+
 async def test_network_error_offers_retry_that_succeeds(
     page: Page,
     base_url: str,

@@ -199,12 +199,13 @@ async def test_delete_removes_objects_and_second_delete_404(client, run_worker, 
     upload_id = await client.upload(make_jpeg())
     await run_worker()
     user_id = (await index.get_upload(redis, upload_id)).user_id
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
 
     first = await client.delete(upload_id)
     second = await client.delete(upload_id)
 
     assert first.status_code == 200
-    assert first.text == ""
+    assert "Deleted photo.jpg forever." in first.text
     assert second.status_code == 404
     for key in storage.image_keys(user_id, upload_id):
         assert await store.head(key) is None

@@ -104,6 +104,8 @@ async def test_redis_restart_loses_no_upload(own_redis, settings, store, make_cl
 async def test_s3_down_gives_503_and_keeps_image(client, run_worker, settings, redis):
     upload_id = await client.upload(make_jpeg())
     await run_worker()
+    # Only an image in the trash can be deleted forever.
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
     closed = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
 
     async with AsyncTestClient(create_app(closed)) as offline:
@@ -119,7 +121,7 @@ async def test_s3_down_gives_503_and_keeps_image(client, run_worker, settings, r
     assert "cannot reach its database or file storage" in page.text
     assert ready.status_code == 503
     assert ready.json()["checks"]["s3"]["ok"] is False
-    assert (await index.get_upload(redis, upload_id)).state == State.READY
+    assert (await index.get_upload(redis, upload_id)).state == State.TRASHED
 
 
 async def test_verify_retries_while_s3_is_down(client, settings, redis, forget_uploads):

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from gallery import index, quotas, storage
 from gallery.quotas import Quota, Usage
-from tests.support import make_jpeg
+from tests.support import HTMX, make_jpeg
 
 
 async def _user_id(redis, upload_id: str) -> str:
@@ -77,6 +77,7 @@ async def test_deleting_image_frees_its_space(make_client, settings, run_worker,
     upload_id = await client.upload(make_jpeg())
     await run_worker()
     user_id = await _user_id(redis, upload_id)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
 
     deleted = await client.delete(upload_id)
     usage = await quotas.get_usage(redis, user_id)

@@ -298,6 +298,7 @@ async def test_deleted_image_leaves_every_share(client, visitor, run_worker, red
     first = await share_path(client, image_ids)
     second = await share_path(client, [deleted])
     user_id = (await index.get_upload(redis, deleted)).user_id
+    await client.http.post(f"/images/{deleted}/trash", headers={**client.csrf, **HTMX})
 
     response = await client.delete(deleted)
     first_page = await visitor.get(first)

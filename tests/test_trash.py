@@ -138,6 +138,7 @@ async def test_delete_forever_from_trash_removes_everything(client, run_worker, 
 
 async def test_delete_forever_form_without_htmx(client, run_worker, store, redis):
     upload_id, user_id = await ready_image(client, run_worker, redis)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
 
     response = await client.http.post(
         f"/images/{upload_id}", headers=client.csrf, follow_redirects=False
@@ -193,3 +194,50 @@ async def test_only_ready_images_go_to_trash(client, redis):
 
     assert trashed.status_code == 404
     assert (await index.get_upload(redis, upload_id)).state == State.ISSUED
+
+
+async def test_delete_forever_of_ready_image_returns_409(client, run_worker, store, redis):
+    upload_id, user_id = await ready_image(client, run_worker, redis)
+    usage = await quotas.get_usage(redis, user_id)
+    stored_keys = await keys_present(store, user_id, upload_id)
+
+    response = await client.delete(upload_id)
+
+    assert response.status_code == 409
+    assert response.text == "beach.jpg is in your gallery, not in the trash, so it was not deleted."
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+    assert stored_keys
+    assert await keys_present(store, user_id, upload_id) == stored_keys
+    assert await quotas.get_usage(redis, user_id) == usage
+
+
+async def test_delete_forever_after_restore_elsewhere_keeps_image(client, run_worker, store, redis):
+    upload_id, user_id = await ready_image(client, run_worker, redis)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+    await client.http.post(f"/images/{upload_id}/restore", headers={**client.csrf, **HTMX})
+    stored_keys = await keys_present(store, user_id, upload_id)
+
+    stale_tab = await client.delete(upload_id)
+    form_without_js = await client.http.post(
+        f"/images/{upload_id}", headers=client.csrf, follow_redirects=False
+    )
+
+    assert stale_tab.status_code == 409
+    assert form_without_js.status_code == 409
+    assert "nothing was deleted" in form_without_js.text
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+    assert await index.count_grid(redis, user_id) == 1
+    assert stored_keys
+    assert await keys_present(store, user_id, upload_id) == stored_keys
+
+
+async def test_delete_forever_sends_note_and_count(client, run_worker, redis):
+    upload_id, _ = await ready_image(client, run_worker, redis)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+
+    response = await client.delete(upload_id)
+
+    assert response.status_code == 200
+    assert json.loads(response.headers["hx-trigger"]) == {"countChanged": -1}
+    assert 'hx-swap-oob="innerHTML:#messages"' in response.text
+    assert "Deleted beach.jpg forever." in response.text

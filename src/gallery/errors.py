@@ -51,6 +51,11 @@ ERROR_TEXTS = {
     405: ErrorText(
         "This address cannot be opened that way.", "Use the links and buttons on the pages."
     ),
+    409: ErrorText(
+        "The photo changed in another tab or window since this page loaded, so nothing was"
+        " deleted.",
+        "Reload the page to see where the photo is now.",
+    ),
     429: ErrorText(
         "Too many requests came from your address in the last minute.",
         "Wait a minute, then reload the page.",

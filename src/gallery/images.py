@@ -11,7 +11,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from litestar import HttpMethod, Request, Response, Router, delete, get, post, route
 from litestar.di import NamedDependency
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import ClientException, NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.plugins.htmx import HTMXRequest, HTMXTemplate
 from litestar.response import Redirect, Template
@@ -20,6 +20,7 @@ from litestar.status_codes import (
     HTTP_303_SEE_OTHER,
     HTTP_400_BAD_REQUEST,
     HTTP_403_FORBIDDEN,
+    HTTP_409_CONFLICT,
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
@@ -439,21 +440,32 @@ async def delete_image(
     redis: NamedDependency[ArqRedis],
     store: NamedDependency[Storage],
 ) -> Response[str] | Redirect:
-    """Delete an image forever, whatever its state; htmx swaps its element for the empty body.
+    """Delete forever an image in the trash, a rejected one, or an upload still processing.
 
-    POST is for the trash page's form without JavaScript, which cannot send DELETE.
+    htmx swaps the tile for the response, which is empty but for a note after Delete forever.
+    A ready image gets a 409 and stays: a trash page open since before a restore in another
+    tab still offers Delete forever. POST is for the trash page's form without JavaScript,
+    which cannot send DELETE.
     """
     upload = await owned_upload(redis, _user_id(request), image_id)
+    # NOTE: a restore between this check and the delete still loses the image.
+    if upload.state == State.READY:
+        message = f"{upload.filename} is in your gallery, not in the trash, so it was not deleted."
+        if request.htmx:
+            return Response(message, status_code=HTTP_409_CONFLICT, media_type="text/plain")
+        raise ClientException(message, status_code=HTTP_409_CONFLICT)
     await trash.delete_forever(redis, store, upload)
     if not request.htmx:
         return Redirect(request.app.route_reverse("trash:list"), status_code=HTTP_303_SEE_OTHER)
     # A trashed image is deleted from the trash page, which counts down. The gallery page
     # fetches its counts and quota line again.
     if upload.state == State.TRASHED:
-        headers = trash.count_changed(-1)
-    else:
-        headers = trash.GALLERY_CHANGED
-    return Response("", media_type="text/html", headers=headers)
+        return HTMXTemplate(
+            template_name="_deleted_forever.html",
+            context={"upload": upload},
+            headers=trash.count_changed(-1),
+        )
+    return Response("", media_type="text/html", headers=trash.GALLERY_CHANGED)
 
 
 router = Router(
