@@ -90,7 +90,7 @@
       return;
     }
     // Delete forever of an image that another tab or device has restored: the server kept
-    // it, and its stale entry leaves the trash page while the message says why.
+    // it, and its stale entry leaves the trash page while the message explains why.
     if (detail.xhr.status === 409 && tile && tile.dataset.state === "trashed") {
       tile.remove();
       countTileGone();
@@ -102,6 +102,23 @@
       ? text
       : "The request failed (" + detail.xhr.status + "). Reload the page and try again.";
     detail.serverResponse = messageElement(message, "error").outerHTML;
+  });
+
+  // "Share selected" with no photo or too many selected stays on the page with a message.
+  // Without JavaScript the server's page shows the same advice.
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (form.id !== "share-form") return;
+    const limit = Number(form.dataset.maxImages);
+    const selected = document.querySelectorAll('input[form="share-form"]:checked').length;
+    if (selected === 0) {
+      showMessage("Select at least one photo, then choose “Share selected”.");
+    } else if (selected > limit) {
+      showMessage(`A link can hold at most ${limit} photos, and ${selected} are selected. Clear some of them.`);
+    } else {
+      return;
+    }
+    event.preventDefault();
   });
 
   // A network failure reaches no swap at all.

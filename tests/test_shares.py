@@ -418,6 +418,24 @@ async def test_extend_moves_expiry_and_caps_it(client, run_worker, redis):
     assert too_long.status_code == 400
 
 
+async def test_extend_at_limit_shows_note(client, run_worker, redis):
+    image_ids = await upload_ready(client, run_worker, 1)
+    await share_path(client, image_ids, expires_in=str(shares.MAX_EXPIRY_SECONDS))
+    user_id = (await index.get_upload(redis, image_ids[0])).user_id
+    share = (await shares.list_user_shares(redis, user_id))[0]
+
+    extended = await client.http.post(
+        f"/shares/{share.id}/extend", data={"seconds": str(shares.DAY)}, headers=client.csrf
+    )
+    later = await client.http.get("/shares")
+
+    assert extended.status_code == 200
+    assert str(extended.url).endswith(f"/shares?capped={share.id}")
+    assert "A link lasts at most 30 days, so “Holiday” now expires" in extended.text
+    assert "cannot be extended further" in extended.text
+    assert "at most 30 days" not in later.text
+
+
 async def test_revoked_share_cannot_be_extended(client, visitor, run_worker, redis):
     image_ids = await upload_ready(client, run_worker, 1)
     path = await share_path(client, image_ids)
@@ -501,10 +519,15 @@ async def test_empty_or_oversized_selection_is_rejected(client):
     posted = await create_share(client, [])
 
     assert empty.status_code == 400
-    assert "Select at least one photo to share." in empty.text
+    assert "Select at least one photo" in empty.text
+    assert "Share 0 photos" not in empty.text
+    assert "<h1>No photos selected</h1>" in empty.text
     assert oversized.status_code == 400
-    assert f"at most {shares.MAX_IMAGES} photos" in oversized.text
+    assert f"at most {shares.MAX_IMAGES} photos, and {shares.MAX_IMAGES + 1} were" in oversized.text
+    assert "Share 0 photos" not in oversized.text
+    assert "<h1>Too many photos selected</h1>" in oversized.text
     assert posted.status_code == 400
+    assert "Share 0 photos" not in posted.text
 
 
 async def test_new_share_form_lists_selected_images(client, run_worker):
@@ -528,6 +551,7 @@ async def test_grid_and_viewer_offer_sharing(client, run_worker):
     viewer = await client.http.get(f"/images/{image_id}/view")
 
     assert '<form id="share-form"' in grid.text
+    assert f"Up to {shares.MAX_IMAGES} photos per link" in grid.text
     assert 'action="/shares/new"' in grid.text
     checkbox = f'name="image_id" value="{image_id}" form="share-form"'
     assert checkbox in grid.text

@@ -24,7 +24,7 @@ from litestar.status_codes import (
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
-from gallery import index, jobs, limits, metrics, quotas, storage, trash
+from gallery import index, jobs, limits, metrics, quotas, shares, storage, trash
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -93,6 +93,7 @@ async def list_images(
         "user": current_user(request),
         "settings": settings,
         "allowed_types": storage.ALLOWED_UPLOAD_TYPES,
+        "max_share_images": shares.MAX_IMAGES,
         "trashed": await _trashed_upload(redis, user_id, trashed),
     }
     if request.htmx and before:

@@ -18,7 +18,7 @@ from arq.connections import ArqRedis
 from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, TooManyRequestsException
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 from litestar.status_codes import (
     HTTP_201_CREATED,
@@ -102,13 +102,33 @@ async def _selected_uploads(redis: ArqRedis, user_id: str, image_ids: list[str])
     return owned
 
 
-def _selection_problem(image_ids: list[str]) -> str | None:
+@dataclass(frozen=True)
+class SelectionProblem:
+    """Why a selection cannot be shared: a heading for the page, then what to do."""
+
+    heading: str
+    message: str
+
+
+def _selection_problem(image_ids: list[str]) -> SelectionProblem | None:
     count = len(set(image_ids))
     if count == 0:
-        return "Select at least one photo to share."
+        return SelectionProblem(
+            "No photos selected",
+            "Select at least one photo in your gallery, then choose “Share selected”.",
+        )
     if count > shares.MAX_IMAGES:
-        return f"A link can hold at most {shares.MAX_IMAGES} photos. Select fewer."
+        return SelectionProblem(
+            "Too many photos selected",
+            f"A link can hold at most {shares.MAX_IMAGES} photos, and {count} were selected. "
+            "Clear some of them in your gallery, then choose “Share selected” again.",
+        )
     return None
+
+
+def _selection_page(request: Request[Any, Any, Any], problem: SelectionProblem) -> Template:
+    context = {"user": current_user(request), "problem": problem}
+    return Template("share_selection.html", context=context, status_code=HTTP_400_BAD_REQUEST)
 
 
 def _new_share_page(
@@ -141,7 +161,7 @@ async def show_new_share(
     image_ids = request.query_params.getall("image_id", [])
     problem = _selection_problem(image_ids)
     if problem:
-        return _new_share_page(request, [], problem, HTTP_400_BAD_REQUEST)
+        return _selection_page(request, problem)
     uploads = await _selected_uploads(redis, _user_id(request), image_ids)
     return _new_share_page(request, await make_tiles(uploads, store), None, 200)
 
@@ -158,9 +178,9 @@ async def create_share(
     assert user is not None, "the require_user guard lets only signed-in users through"
     form = await request.form()
     image_ids = form.getall("image_id", [])
-    problem = _selection_problem(image_ids)
-    if problem:
-        return _new_share_page(request, [], problem, HTTP_400_BAD_REQUEST)
+    selection_problem = _selection_problem(image_ids)
+    if selection_problem:
+        return _selection_page(request, selection_problem)
     uploads = await _selected_uploads(redis, user.id, image_ids)
     title = _clean_title(form.get("title", ""))
     expires_in = _parse_seconds(form.get("expires_in", ""))
@@ -225,8 +245,12 @@ async def list_shares(
     request: Request[Any, Any, Any],
     redis: NamedDependency[ArqRedis],
     store: NamedDependency[Storage],
+    capped: FromQuery[str | None] = None,
 ) -> Template:
-    """List the user's links with their images, expiry, views, and revoke and extend forms."""
+    """List the user's links with their images, expiry, views, and revoke and extend forms.
+
+    `capped` names a link that Extend could not move as far as requested, for a message.
+    """
     user_id = _user_id(request)
     now = time.time()
     rows = []
@@ -235,6 +259,7 @@ async def list_shares(
         tiles = await make_tiles(uploads[:MANAGE_THUMBNAILS], store)
         rows.append(ShareRow(share, _status(share, now), tiles, len(uploads)))
     context = {
+        "capped": _capped_share(rows, capped, now),
         "rows": rows,
         "user": current_user(request),
         "extend_choices": EXPIRY_CHOICES,
@@ -244,6 +269,19 @@ async def list_shares(
         "now": now,
     }
     return Template("shares.html", context=context)
+
+
+def _capped_share(rows: list[ShareRow], share_id: str | None, now: float) -> Share | None:
+    """Return the open link `share_id` names while its expiry is within an hour of the limit.
+
+    The note then disappears on a reload once the limit has moved on by an hour.
+    """
+    limit = now + shares.MAX_EXPIRY_SECONDS
+    for row in rows:
+        near_limit = row.share.expires_at > limit - shares.HOUR
+        if row.share.id == share_id and row.status == "open" and near_limit:
+            return row.share
+    return None
 
 
 def _status(share: Share, now: float) -> str:
@@ -282,11 +320,17 @@ async def extend_share(
     seconds = _parse_seconds(form.get("seconds", ""))
     if not shares.MIN_EXPIRY_SECONDS <= seconds <= shares.MAX_EXPIRY_SECONDS:
         return _extend_error(request, "Choose how long to extend the link by: 1 hour to 30 days.")
-    if await shares.extend(redis, share, seconds) is None:
+    requested = share.expires_at + seconds
+    expires_at = await shares.extend(redis, share, seconds)
+    if expires_at is None:
         message = "This link was revoked or has expired. Make a new one instead."
         return _extend_error(request, message)
     logger.info("user %s extended share %s", share.user_id, share.id)
-    return Redirect(request.app.route_reverse("shares:list"), status_code=HTTP_303_SEE_OTHER)
+    list_url = request.app.route_reverse("shares:list")
+    # The 30-day limit cut the extension short, or the link was at the limit already.
+    if expires_at < requested:
+        return Redirect(f"{list_url}?capped={share.id}", status_code=HTTP_303_SEE_OTHER)
+    return Redirect(list_url, status_code=HTTP_303_SEE_OTHER)
 
 
 def _extend_error(request: Request[Any, Any, Any], message: str) -> Template:
