@@ -12,6 +12,7 @@
   // Rows of uploads reported done, by upload id, until their tile is ready or rejected.
   const followed = new Map();
   let running = 0;
+  const UNREACHABLE = "the gallery could not be reached. Check the connection, then choose Retry.";
 
   // Raised when the app returns 401 Unauthorized because the session ended, by sign-out in
   // another tab or by expiry.
@@ -114,6 +115,16 @@
     return new SignedOutError(response.headers.get("HX-Redirect") || uploader.dataset.signinUrl);
   }
 
+  // Requests from the app. fetch rejects with a TypeError, whose message is the browser's
+  // own ("Failed to fetch" in Chromium), when no response arrives.
+  async function fetchApp(url, options) {
+    try {
+      return await fetch(url, options);
+    } catch (error) {
+      throw error instanceof TypeError ? new Error(UNREACHABLE) : error;
+    }
+  }
+
   // Returns the parsed body, or null when it is not JSON, such as a sign-in page.
   async function readJson(response) {
     const type = response.headers.get("Content-Type") || "";
@@ -140,7 +151,7 @@
   // fetch would follow to the sign-in page. Accept keeps the app's error bodies JSON.
   async function requestForm(file, uploader, view) {
     for (let attempt = 1; ; attempt += 1) {
-      const response = await fetch(uploader.dataset.createUrl, {
+      const response = await fetchApp(uploader.dataset.createUrl, {
         method: "POST",
         headers: {
           "Content-Type": "application/json",
@@ -190,7 +201,7 @@
 
   // Reports the upload done and puts the tile the app returns at the top of the grid.
   async function completeUpload(form, uploader) {
-    const response = await fetch(form.complete_url, {
+    const response = await fetchApp(form.complete_url, {
       method: "POST",
       headers: { "x-csrftoken": csrfToken(), "HX-Request": "true" },
       credentials: "same-origin",
@@ -405,6 +416,8 @@
     const uploader = document.getElementById("uploader");
     if (!uploader) return;
     document.getElementById("picker-row").hidden = false;
+    // Shows the hints about the picker and dropping files, which only work with JavaScript.
+    document.documentElement.classList.add("js");
     const input = document.getElementById("file-input");
     input.addEventListener("change", () => {
       addFiles(Array.from(input.files), uploader);

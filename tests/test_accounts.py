@@ -191,3 +191,69 @@ async def test_closed_signup_refuses_new_accounts(settings, redis):
     assert "Sign-up is closed" in page.text
     assert "Sign-up is closed" in posted.text
     assert await accounts.find_user_id(redis, "walkin") is None
+
+
+async def test_ended_session_signs_in_back_to_page(client, redis):
+    await redis.delete(f"gallery:sessions:{client.http.cookies['session']}")
+
+    redirect = await client.http.get("/trash?restored=x", follow_redirects=False)
+    page = await client.http.get(redirect.headers["location"])
+    signed_in = await client.http.post(
+        "/signin",
+        data={"username": client.username, "password": TEST_PASSWORD, "next": "/trash?restored=x"},
+        headers=client.csrf,
+        follow_redirects=False,
+    )
+
+    assert redirect.headers["location"] == "/signin?next=%2Ftrash%3Frestored%3Dx&ended=1"
+    assert "Your session ended. Sign in again" in page.text
+    assert '<input type="hidden" name="next" value="/trash?restored=x">' in page.text
+    assert signed_in.status_code == 303
+    assert signed_in.headers["location"] == "/trash?restored=x"
+
+
+async def test_htmx_request_after_session_end_names_page(client, redis):
+    await redis.delete(f"gallery:sessions:{client.http.cookies['session']}")
+
+    response = await client.http.get(
+        "/images/summary",
+        headers={"HX-Request": "true", "HX-Current-URL": "http://testserver.local/shares"},
+    )
+
+    assert response.status_code == 401
+    assert response.headers["hx-redirect"] == "/signin?next=%2Fshares&ended=1"
+
+
+async def test_first_visit_signin_has_no_ended_note(anonymous):
+    redirect = await anonymous.get("/trash", follow_redirects=False)
+    page = await anonymous.get(redirect.headers["location"])
+
+    assert redirect.headers["location"] == "/signin?next=%2Ftrash"
+    assert "Your session ended" not in page.text
+    assert '<input type="hidden" name="next" value="/trash">' in page.text
+
+
+@pytest.mark.parametrize(
+    "next_path",
+    [
+        "//evil.example/",
+        "/\\evil.example/",
+        "https://evil.example/",
+        "javascript:alert(1)",
+        "trash",
+        "/trash\r\nSet-Cookie: a=b",
+        "",
+    ],
+)
+async def test_signin_ignores_unsafe_next(client, anonymous, next_path):
+    page = await anonymous.get("/signin", params={"next": next_path})
+    signed_in = await anonymous.post(
+        "/signin",
+        data={"username": client.username, "password": TEST_PASSWORD, "next": next_path},
+        headers=_csrf(anonymous),
+        follow_redirects=False,
+    )
+
+    assert 'name="next"' not in page.text
+    assert signed_in.status_code == 303
+    assert signed_in.headers["location"] == "/images"

@@ -813,6 +813,64 @@ async def test_no_javascript_upload_view_delete_restore(
     assert name.endswith(".jpg")
 
 
+async def test_empty_gallery_names_what_page_offers(
+    browser: Browser, page: Page, base_url: str, console_errors: list[str]
+) -> None:
+    context = await browser.new_context(viewport=DESKTOP_VIEWPORT, java_script_enabled=False)
+    context.set_default_timeout(TIMEOUT_MS)
+    plain_page = await context.new_page()
+    await sign_up(plain_page, base_url, javascript=False)
+    await save_screenshot(plain_page, "no-js-empty-gallery")
+    plain_text = await plain_page.locator("#empty").inner_text()
+    await context.close()
+
+    await sign_up(page, base_url)
+
+    await expect(page.locator("#empty")).to_have_text(
+        "No photos yet. Choose “Add photos”, or drop photos on this page, to upload your first ones."
+    )
+    assert plain_text == "No photos yet. Choose “Add a photo” to upload your first one."
+    assert console_errors == []
+
+
+async def test_unreachable_gallery_shows_plain_failure(
+    page: Page, base_url: str, console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+    await page.route(re.compile(r"/uploads$"), lambda route: route.abort("connectionrefused"))
+    photo = {"name": "offline.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+
+    await page.locator("#file-input").set_input_files([photo])
+
+    await expect(page.locator(".upload-row .upload-state")).to_have_text(
+        "failed: the gallery could not be reached. Check the connection, then choose Retry."
+    )
+    await save_screenshot(page, "upload-unreachable")
+    assert all("ERR_CONNECTION_REFUSED" in error for error in console_errors), console_errors
+
+
+async def test_ended_session_signs_in_back_to_trash(
+    page: Page, base_url: str, redis: ArqRedis, console_errors: list[str]
+) -> None:
+    username = await sign_up(page, base_url)
+    await page.goto(f"{base_url}/trash")
+    cookies = await page.context.cookies()
+    session_id = next(cookie["value"] for cookie in cookies if cookie["name"] == "session")
+    await redis.delete(f"gallery:sessions:{session_id}")
+
+    await page.reload()
+
+    await expect(page.locator(".account .note")).to_have_text(
+        "Your session ended. Sign in again to go back to the page you had open."
+    )
+    await save_screenshot(page, "signin-session-ended")
+    await page.get_by_label("Username").fill(username)
+    await page.get_by_label("Password").fill(TEST_PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(f"{base_url}/trash")
+    assert console_errors == []
+
+
 async def test_scrolling_loads_150_images_in_order(
     page: Page, base_url: str, served_settings: Settings, store: Storage, redis: ArqRedis
 ) -> None:

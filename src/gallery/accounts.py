@@ -9,6 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -18,7 +19,7 @@ from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
-from litestar.params import Body
+from litestar.params import Body, FromQuery, QueryParameter
 from litestar.response import Redirect, Template
 from litestar.status_codes import (
     HTTP_303_SEE_OTHER,
@@ -39,6 +40,9 @@ MAX_PASSWORD_LENGTH = 256
 # Longer input cannot be a valid username; it is cut before it is logged or counted.
 MAX_USERNAME_INPUT = 64
 SIGNIN_WINDOW_SECONDS = 15 * 60
+# The maximum length of the page address that sign-in returns to. Sign-in goes to the
+# gallery instead of a longer one.
+MAX_NEXT_LENGTH = 2000
 
 _hasher = PasswordHasher()
 # Verified against when a username is unknown, so both cases cost one argon2 hash.
@@ -180,6 +184,39 @@ def require_user(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHan
         raise NotAuthorizedException("Sign in to continue.")
 
 
+def safe_next(path: str | None) -> str | None:
+    """Return `path` when sign-in may redirect to it, otherwise None.
+
+    Only a path on this site qualifies: one "/" first, because browsers open "//host" and
+    "/\\host" on another site, and no scheme, backslash or control character.
+    """
+    if not path or len(path) > MAX_NEXT_LENGTH or not path.startswith("/"):
+        return None
+    if path.startswith("//") or "\\" in path or not path.isprintable():
+        return None
+    parts = urlsplit(path)
+    if parts.scheme or parts.netloc:
+        return None
+    return path
+
+
+def _signin_page(
+    error: str | None,
+    username: str,
+    next_path: str | None,
+    status_code: int = 200,
+    *,
+    session_ended: bool = False,
+) -> Template:
+    context = {
+        "error": error,
+        "username": username,
+        "next_path": next_path,
+        "session_ended": session_ended,
+    }
+    return Template("signin.html", context=context, status_code=status_code)
+
+
 def _start_session(request: Request[Any, Any, Any], user: User) -> None:
     # A new session id at sign-in, so an id planted before it cannot ride the new session.
     request.scope.setdefault("state", {})["rotate_session"] = True
@@ -221,8 +258,15 @@ async def sign_up(
 
 
 @get("/signin", name="accounts:signin-page")
-async def show_signin() -> Template:
-    return Template("signin.html", context={"error": None, "username": ""})
+async def show_signin(
+    next_path: Annotated[str | None, QueryParameter(query="next")] = None,
+    ended: FromQuery[str | None] = None,
+) -> Template:
+    """Show the sign-in form, which returns to `next_path` after sign-in when it is safe.
+
+    `ended` is "1" in the redirect from a page that a request with an ended session opened.
+    """
+    return _signin_page(None, "", safe_next(next_path), session_ended=ended == "1")
 
 
 @post("/signin", name="accounts:signin")
@@ -233,6 +277,7 @@ async def sign_in(
     settings: NamedDependency[Settings],
 ) -> Template | Redirect:
     username = data.get("username", "").strip()[:MAX_USERNAME_INPUT]
+    next_path = safe_next(data.get("next"))
     address = request.client.host if request.client else "unknown"
     # Both counters are checked before the password, so a throttled guess costs no hash.
     account_limit = f"signin:account:{username.lower()}"
@@ -251,24 +296,22 @@ async def sign_in(
         error = (
             f"Too many failed sign-ins. Try again in {minutes} minute{'s' if minutes > 1 else ''}."
         )
-        context = {"error": error, "username": username}
-        return Template("signin.html", context=context, status_code=HTTP_429_TOO_MANY_REQUESTS)
+        return _signin_page(error, username, next_path, HTTP_429_TOO_MANY_REQUESTS)
 
     try:
         user = await authenticate(redis, username, data.get("password", ""))
     except AccountDisabled as disabled:
         logger.warning("sign-in rejected for disabled username %r from %s", username, address)
-        context = {"error": str(disabled), "username": username}
-        return Template("signin.html", context=context, status_code=HTTP_403_FORBIDDEN)
+        return _signin_page(str(disabled), username, next_path, HTTP_403_FORBIDDEN)
     if user is None:
         logger.warning("failed sign-in for username %r from %s", username, address)
         await limits.record(redis, account_limit, SIGNIN_WINDOW_SECONDS)
         await limits.record(redis, address_limit, SIGNIN_WINDOW_SECONDS)
-        context = {"error": "Wrong username or password.", "username": username}
-        return Template("signin.html", context=context, status_code=400)
+        return _signin_page("Wrong username or password.", username, next_path, 400)
     await limits.reset(redis, account_limit)
     _start_session(request, user)
-    return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)
+    target = next_path or request.app.route_reverse("images:gallery")
+    return Redirect(target, status_code=HTTP_303_SEE_OTHER)
 
 
 @post("/signout", name="accounts:signout")

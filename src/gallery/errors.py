@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from botocore.exceptions import ClientError
 from litestar import Request, Response
@@ -19,6 +20,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
+from gallery import accounts
 from gallery.accounts import current_user
 from gallery.sessions import SessionConfig
 
@@ -109,9 +111,45 @@ def _page_context(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
+def _page_to_return_to(request: Request[Any, Any, Any]) -> str | None:
+    """Return the path and query of the page a request without a session came from.
+
+    htmx names its page in HX-Current-URL. Other requests return only from a GET, because
+    a form's POST address cannot be opened again after sign-in.
+    """
+    if _is_htmx(request):
+        current = urlsplit(request.headers.get("hx-current-url", ""))
+        path, query = current.path, current.query
+    elif request.method == "GET":
+        path, query = request.url.path, request.url.query
+    else:
+        return None
+    page = f"{path}?{query}" if query else path
+    # Sign-in lands on the gallery anyway.
+    if page == request.app.route_reverse("images:gallery"):
+        return None
+    return accounts.safe_next(page)
+
+
+def _signin_url(request: Request[Any, Any, Any]) -> str:
+    """Return the sign-in address for a request without a valid session.
+
+    It carries the page to return to, and `ended=1` when the request brought a session
+    cookie whose session has ended.
+    """
+    params = {}
+    page = _page_to_return_to(request)
+    if page:
+        params["next"] = page
+    if SESSION_COOKIE in request.cookies:
+        params["ended"] = "1"
+    url = request.app.route_reverse("accounts:signin-page")
+    return f"{url}?{urlencode(params)}" if params else url
+
+
 def redirect_to_signin(request: Request[Any, Any, Any], _: HTTPException) -> Response[Any]:
     """Send a visitor without a session to the sign-in page, through htmx when it asked."""
-    signin_url = request.app.route_reverse("accounts:signin-page")
+    signin_url = _signin_url(request)
     if _is_htmx(request):
         headers = {"HX-Redirect": signin_url}
         return Response("Sign in to continue.", status_code=HTTP_401_UNAUTHORIZED, headers=headers)
