@@ -76,6 +76,8 @@ async def test_signup_with_taken_username_any_case(client, anonymous):
         ("has space", TEST_PASSWORD, "Choose a username of 3 to 32"),
         ("<script>", TEST_PASSWORD, "Choose a username of 3 to 32"),
         ("x" * 33, TEST_PASSWORD, "Choose a username of 3 to 32"),
+        ("...", TEST_PASSWORD, "with at least one letter or digit"),
+        ("_-.", TEST_PASSWORD, "with at least one letter or digit"),
         ("validname", "short", "Choose a password of 10 to 256"),
         ("validname", "ninechars", "Choose a password of 10 to 256"),
         ("validname", "p" * 257, "Choose a password of 10 to 256"),
@@ -191,6 +193,11 @@ async def test_closed_signup_refuses_new_accounts(settings, redis):
     assert "Sign-up is closed" in page.text
     assert "Sign-up is closed" in posted.text
     assert await accounts.find_user_id(redis, "walkin") is None
+
+
+@pytest.mark.parametrize("username", ["a..", "..9", "x_y"])
+def test_username_with_one_letter_or_digit_is_valid(username):
+    accounts.check_new_credentials(username, TEST_PASSWORD)
 
 
 async def test_ended_session_signs_in_back_to_page(client, redis):

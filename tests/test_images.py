@@ -341,6 +341,20 @@ async def test_control_characters_leave_the_filename(client, redis):
     assert only_controls.json()["error"] == "The file has no name."
 
 
+async def test_long_filename_keeps_its_extension(client, redis):
+    long_name = "beach" * 60 + ".jpeg"
+    response = await client.request_form(long_name, "image/jpeg", 100)
+    no_extension = await client.request_form("x" * 300, "image/jpeg", 100)
+    long_extension = await client.request_form("a." + "b" * 300, "image/jpeg", 100)
+
+    shortened = (await index.get_upload(redis, response.json()["id"])).filename
+    plain = (await index.get_upload(redis, no_extension.json()["id"])).filename
+    odd = (await index.get_upload(redis, long_extension.json()["id"])).filename
+    assert shortened == ("beach" * 60)[:250] + ".jpeg"
+    assert plain == "x" * 255
+    assert odd == ("a." + "b" * 300)[:255]
+
+
 def jpeg_taken_at(value: str) -> bytes:
     """Return a small JPEG whose EXIF DateTimeOriginal is `value`."""
     exif = Image.Exif()

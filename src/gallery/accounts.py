@@ -76,9 +76,11 @@ def _username_key(username: str) -> str:
 
 def check_new_credentials(username: str, password: str) -> None:
     """Raise AccountError when a username or password may not be used for a new account."""
-    if not USERNAME_PATTERN.fullmatch(username):
+    # A name of punctuation alone, such as "...", reads as no name at all.
+    if not USERNAME_PATTERN.fullmatch(username) or not any(char.isalnum() for char in username):
         raise AccountError(
-            "Choose a username of 3 to 32 letters, digits, dots, dashes or underscores."
+            "Choose a username of 3 to 32 letters, digits, dots, dashes or underscores,"
+            " with at least one letter or digit."
         )
     if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
         raise AccountError(

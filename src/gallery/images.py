@@ -34,6 +34,8 @@ from gallery.tiles import RENDITION_TYPE, make_tiles
 logger = logging.getLogger(__name__)
 
 MAX_FILENAME_LENGTH = 255
+# The maximum length of the extension, dot included, that shortening a file name keeps.
+MAX_KEPT_EXTENSION_LENGTH = 16
 
 # Seconds in the Retry-After header when too many uploads are pending.
 PENDING_RETRY_SECONDS = 5
@@ -285,14 +287,21 @@ _BIDI_CONTROLS = frozenset(
 def clean_filename(filename: str) -> str:
     """Return a file name without control or direction characters, trimmed, at most 255.
 
-    Joiners stay: scripts such as Persian and Devanagari need them.
+    Joiners stay: scripts such as Persian and Devanagari need them. A longer name is cut
+    before its extension, so "long….jpg" still ends in ".jpg".
     """
     printable = "".join(
         char
         for char in filename
         if unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS
-    )
-    return printable.strip()[:MAX_FILENAME_LENGTH]
+    ).strip()
+    if len(printable) <= MAX_FILENAME_LENGTH:
+        return printable
+    stem, dot, extension = printable.rpartition(".")
+    kept = dot + extension
+    if not stem or len(kept) > MAX_KEPT_EXTENSION_LENGTH:
+        return printable[:MAX_FILENAME_LENGTH]
+    return stem[: MAX_FILENAME_LENGTH - len(kept)].rstrip() + kept
 
 
 def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None:
