@@ -1,8 +1,8 @@
 """GET, PUT and DELETE of single objects, signed by our own signer and sent with aiohttp.
 
 The worker makes six such requests per upload, in the process that also runs its event
-loop. In 200 requests of each kind on the 2-core machine of docs/benchmarks.md,
-aiobotocore used 1.8 to 4.2 ms of CPU per request and this client 0.3 to 1.5 ms, because
+loop. In bench/object_requests.py on the 2-core machine of docs/benchmarks.md,
+aiobotocore used 1.0 to 3.8 ms of CPU per request and this client 0.2 to 1.5 ms, because
 botocore resolves endpoint rules, runs event hooks and builds a user agent for each one.
 Errors are botocore's exceptions, so callers handle them as they handle the rest of the
 client's: ClientError for an error response, and EndpointConnectionError or
