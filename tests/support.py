@@ -140,6 +140,7 @@ def gallery_process(
     command: str, settings: Settings, log_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run `python -m gallery.cli COMMAND` with these settings, and stop it with SIGTERM."""
+    log_path.parent.mkdir(exist_ok=True)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gallery.cli", command],

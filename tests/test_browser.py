@@ -15,10 +15,9 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from gallery import storage
 from gallery.embedded import free_port
 from gallery.settings import Settings
 from gallery.storage import Storage
-from tests.support import TEST_PASSWORD, make_jpeg, seed_grid
+from tests.support import TEST_PASSWORD, gallery_process, make_jpeg, seed_grid
 
 pytestmark = pytest.mark.browser
 
@@ -117,7 +116,7 @@ async def served_settings(settings: Settings, store: Storage) -> Settings:
 async def base_url(served_settings: Settings) -> AsyncIterator[str]:
     """Hand over the URL of `gallery serve` running in a child process for this module."""
     log_path = ARTIFACTS_DIR / "browser-app.log"
-    with _child_process("serve", served_settings, log_path) as process:
+    with gallery_process("serve", served_settings, log_path) as process:
         await _wait_until_serving(process, served_settings.app_url, log_path)
         yield served_settings.app_url
 
@@ -140,7 +139,7 @@ async def short_expiry_url(
     )
     await store.ensure_bucket([settings.app_url, served_settings.app_url, short_expiry.app_url])
     log_path = ARTIFACTS_DIR / "browser-app-short-expiry.log"
-    with _child_process("serve", short_expiry, log_path) as process:
+    with gallery_process("serve", short_expiry, log_path) as process:
         await _wait_until_serving(process, short_expiry.app_url, log_path)
         yield short_expiry.app_url
 
@@ -149,7 +148,7 @@ async def short_expiry_url(
 async def worker(served_settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
     """Hand over a `gallery worker` child process, started and stopped with this module."""
     log_path = ARTIFACTS_DIR / "browser-worker.log"
-    with _child_process("worker", served_settings, log_path) as process:
+    with gallery_process("worker", served_settings, log_path) as process:
         await _wait_for_log_line(process, log_path, "worker started")
         yield process
 
@@ -683,7 +682,7 @@ async def short_form_url(
     short_form = replace(served_settings, port=free_port(), upload_form_seconds=2)
     await store.ensure_bucket([settings.app_url, served_settings.app_url, short_form.app_url])
     log_path = ARTIFACTS_DIR / "browser-app-short-form.log"
-    with _child_process("serve", short_form, log_path) as process:
+    with gallery_process("serve", short_form, log_path) as process:
         await _wait_until_serving(process, short_form.app_url, log_path)
         yield short_form.app_url
 
@@ -1220,32 +1219,6 @@ async def save_screenshot(
     ARTIFACTS_DIR.mkdir(exist_ok=True)
     prefix = "docs" if docs else "browser"
     await page.screenshot(path=ARTIFACTS_DIR / f"{prefix}-{name}.png", full_page=full_page)
-
-
-@contextmanager
-def _child_process(
-    command: str, settings: Settings, log_path: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `python -m gallery.cli COMMAND` with these settings, as production runs it."""
-    log_path.parent.mkdir(exist_ok=True)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gallery.cli", command],
-            cwd=REPO_ROOT,
-            env={**os.environ, **settings.to_env()},
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:

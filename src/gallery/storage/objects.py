@@ -2,8 +2,8 @@
 
 The worker makes six such requests per upload, in the process that also runs its event
 loop. In bench/object_requests.py on the 2-core machine of docs/benchmarks.md,
-aiobotocore used 1.0 to 3.8 ms of CPU per request and this client 0.2 to 1.5 ms, because
-botocore resolves endpoint rules, runs event hooks and builds a user agent for each one.
+aiobotocore used 1.0 to 3.8 ms of CPU per request and this client 0.2 to 1.5 ms. botocore
+resolves endpoint rules, runs event hooks and builds a user agent for each request.
 Errors are botocore's exceptions, so callers handle them as they handle the rest of the
 client's: ClientError for an error response, and EndpointConnectionError or
 HTTPClientError when S3 cannot be reached.
@@ -18,8 +18,9 @@ import random
 import re
 import ssl
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -46,6 +47,8 @@ MAX_CONNECTIONS = 10
 
 METADATA_PREFIX = "x-amz-meta-"
 
+T = TypeVar("T")
+
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
 
@@ -61,6 +64,11 @@ class StoredObject:
     info: ObjectInfo
     # None when the object was larger than the limit it was read with.
     body: bytes | None
+
+
+async def _read_nothing(response: aiohttp.ClientResponse) -> None:
+    # Reading the empty body returns the connection to the pool.
+    await response.read()
 
 
 class ObjectClient:
@@ -100,19 +108,12 @@ class ObjectClient:
 
         The bytes of an object larger than `max_bytes` are not read: its body is None.
         """
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            url, headers = self._signer.sign("GET", key, headers={})
-            try:
-                async with self._session.get(URL(url, encoded=True), headers=headers) as response:
-                    if response.status == 404:
-                        return None
-                    if response.status != 200:
-                        await self._raise_or_wait(response, "GetObject", attempt)
-                        continue
-                    return await _read_limited(response, max_bytes)
-            except (aiohttp.ClientConnectionError, TimeoutError) as error:
-                await self._wait_or_raise(error, url, attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        return await self._send(
+            "GET",
+            key,
+            operation="GetObject",
+            read=lambda response: _read_limited(response, max_bytes),
+        )
 
     async def put(
         self,
@@ -127,27 +128,41 @@ class ObjectClient:
         if cache_control:
             headers["Cache-Control"] = cache_control
         headers.update({METADATA_PREFIX + name: value for name, value in metadata.items()})
-        await self._send("PUT", key, headers, body, operation="PutObject")
+        await self._send("PUT", key, operation="PutObject", headers=headers, body=body)
 
     async def delete(self, key: str) -> None:
         """Delete one object; deleting a key that does not exist succeeds too."""
-        await self._send("DELETE", key, {}, b"", operation="DeleteObject")
+        await self._send("DELETE", key, operation="DeleteObject")
 
     async def _send(
-        self, method: str, key: str, headers: dict[str, str], body: bytes, *, operation: str
-    ) -> None:
+        self,
+        method: str,
+        key: str,
+        *,
+        operation: str,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        read: Callable[[aiohttp.ClientResponse], Awaitable[T]] = _read_nothing,
+    ) -> T | None:
+        """Send one request, in up to MAX_ATTEMPTS tries.
+
+        Returns what `read` makes of a successful response, or None for a GET of a key that
+        does not exist.
+        """
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            url, signed = self._signer.sign(method, key, headers=headers, body=body)
+            url, signed = self._signer.sign(method, key, headers=headers or {}, body=body)
             try:
                 async with self._session.request(
                     method, URL(url, encoded=True), headers=signed, data=body or None
                 ) as response:
+                    if method == "GET" and response.status == 404:
+                        return None
                     if response.status < 300:
-                        await response.read()
-                        return
+                        return await read(response)
                     await self._raise_or_wait(response, operation, attempt)
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 await self._wait_or_raise(error, url, attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _raise_or_wait(
         self, response: aiohttp.ClientResponse, operation: str, attempt: int
@@ -157,7 +172,7 @@ class ObjectClient:
         fields = {name.decode(): value.decode() for name, value in _ERROR_FIELD.findall(body)}
         code = fields.get("Code") or str(response.status)
         if response.status in RETRY_STATUSES and attempt < MAX_ATTEMPTS:
-            logger.info("S3 answered %s %s to %s; trying again", response.status, code, operation)
+            logger.info("S3 returned %s %s for %s; trying again", response.status, code, operation)
             await _backoff(attempt)
             return
         error = {"Code": code, "Message": fields.get("Message", response.reason or "")}
