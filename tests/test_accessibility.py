@@ -185,14 +185,14 @@ async def _check_with_upload_in_progress(
     page: Page, settings: Settings, findings: list[str]
 ) -> None:
     """Hold one upload's POST to S3, so that the rows show in progress, ready and rejected."""
-    held = asyncio.Event()
+    upload_paused = asyncio.Event()
     released = asyncio.Event()
 
     async def hold_post(route: Route) -> None:
         if route.request.method != "POST":
             await route.continue_()
             return
-        held.set()
+        upload_paused.set()
         await released.wait()
         with suppress(Error):
             await route.abort()
@@ -200,7 +200,7 @@ async def _check_with_upload_in_progress(
     await page.route(f"{settings.s3_endpoint_url}/**", hold_post)
     photo = {"name": "held.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
     await page.locator("#file-input").set_input_files([photo])
-    await asyncio.wait_for(held.wait(), TIMEOUT_MS / 1000)
+    await asyncio.wait_for(upload_paused.wait(), TIMEOUT_MS / 1000)
     await expect(page.locator(".upload-row[data-state=uploading]")).to_have_count(1)
     await expect(page.locator(".upload-row[data-state=ready]")).to_have_count(len(PHOTOS))
     await check(page, "gallery-upload-rows", findings)

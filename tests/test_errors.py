@@ -142,7 +142,7 @@ async def test_upload_form_request_keeps_json_errors(client):
     assert invalid.json() == {"error": "Files must be between 1 byte and 5 MiB."}
 
 
-async def test_share_link_not_found_offers_visitor_no_app_link(anonymous):
+async def test_missing_share_page_has_no_app_link(anonymous):
     response = await anonymous.get("/s/expired-or-never-issued-token", headers=BROWSER)
 
     assert response.status_code == 404

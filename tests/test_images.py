@@ -428,7 +428,7 @@ async def test_image_count_names_processing_next_to_ready(client, run_worker):
     assert re.search(r'id="empty"[^>]*hidden', page)
 
 
-async def test_summary_fragment_swaps_out_of_band_only_for_htmx(client):
+async def test_summary_fragment_only_for_htmx(client):
     fragment = await client.http.get("/images/summary", headers=HTMX)
     page = await client.http.get("/images/summary", follow_redirects=False)
 

@@ -103,7 +103,7 @@ async def store_on_fake_s3(
 
 
 def slow_down(failures: int, requests: list[str]) -> Callable[[web.Request], web.StreamResponse]:
-    """Answer 503 SlowDown to the first `failures` requests, then 200."""
+    """Respond with 503 SlowDown to the first `failures` requests, then 200."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         requests.append(request.method)
@@ -159,7 +159,7 @@ async def test_proxy_from_environment_carries_requests(settings: Settings, monke
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
-        # Nothing listens at the endpoint itself, so only the proxy can answer.
+        # Nothing listens at the endpoint itself, so only the proxy can respond.
         unreachable = replace(settings, s3_endpoint_url=f"http://{HOST}:{free_port()}")
         async with Storage.open(unreachable) as store:
             await store.write(new_key(), b"x", content_type="image/jpeg", metadata={})

@@ -128,7 +128,7 @@ async def test_reindex_queues_image_missing_a_rendition(isolated, make_client):
 
 async def test_reindex_puts_trashed_image_back_in_trash(isolated, make_client):
     client = await make_client(app_settings=isolated)
-    kept, trashed, restored = [
+    untouched, trashed, restored = [
         await client.upload(make_jpeg(320, 240, (40 * number, 90, 60)), f"{number}.jpg")
         for number in range(3)
     ]
@@ -156,7 +156,7 @@ async def test_reindex_puts_trashed_image_back_in_trash(isolated, make_client):
 
     assert result.exit_code == 0, result.output
     assert "1 back in the trash" in result.output
-    assert sorted(upload.id for upload in grid) == sorted([kept, restored])
+    assert sorted(upload.id for upload in grid) == sorted([untouched, restored])
     assert [upload.id for upload in trash] == [trashed]
     assert trash[0].state == State.TRASHED
     assert trash[0].trashed_at == trashed_before.trashed_at

@@ -167,7 +167,7 @@ async def test_share_pages_long_title_and_limits(
     )
     await expect(page).to_have_url(f"{base_url}/images")
     await save_screenshot(page, "share-none-selected")
-    # Without JavaScript the form reaches the server, whose page says the same.
+    # Without JavaScript the form reaches the server, whose page shows the same message.
     await page.goto(f"{base_url}/shares/new")
     await expect(page.get_by_role("heading", name="No photos selected")).to_be_visible()
     await save_screenshot(page, "share-none-selected-server")

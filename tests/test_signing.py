@@ -201,7 +201,7 @@ def test_header_signer_matches_botocore_byte_for_byte(endpoint, token):
             url, signed = signer.sign(method, key, headers=headers, body=body, now=FROZEN_UNIX_TIME)
             unsigned = {name: value for name, value in signed.items() if name != "Authorization"}
             request = AWSRequest(method=method, url=url, data=body, headers=unsigned)
-            # botocore signs the body over HTTPS too when the request asks for it, as ours does.
+            # botocore signs the body over HTTPS too when the request context enables it, as ours does.
             request.context["payload_signing_enabled"] = True
             with mock.patch("botocore.auth.get_current_datetime", return_value=FROZEN_TIME):
                 botocore_signer.add_auth(request)

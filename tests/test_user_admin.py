@@ -106,7 +106,7 @@ async def test_disable_ends_sessions_and_rejects_sign_in(make_client, settings, 
     assert result.exit_code == 0, result.output
     assert f"{client.username} disabled; ended 1 sessions" in result.output
     assert gallery.status_code in (302, 303)
-    # The session cookie still arrives, so the sign-in page says the session ended.
+    # The session cookie still arrives, so the sign-in page shows that the session ended.
     assert gallery.headers["location"] == "/signin?ended=1"
     assert other_gallery.status_code == 200
     assert right_password.status_code == 403

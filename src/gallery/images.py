@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FILENAME_LENGTH = 255
 # The maximum length of the extension, dot included, that shortening a file name keeps.
-MAX_KEPT_EXTENSION_LENGTH = 16
+MAX_EXTENSION_LENGTH = 16
 
 # Seconds in the Retry-After header when too many uploads are pending.
 PENDING_RETRY_SECONDS = 5
@@ -298,10 +298,10 @@ def clean_filename(filename: str) -> str:
     if len(printable) <= MAX_FILENAME_LENGTH:
         return printable
     stem, dot, extension = printable.rpartition(".")
-    kept = dot + extension
-    if not stem or len(kept) > MAX_KEPT_EXTENSION_LENGTH:
+    suffix = dot + extension
+    if not stem or len(suffix) > MAX_EXTENSION_LENGTH:
         return printable[:MAX_FILENAME_LENGTH]
-    return stem[: MAX_FILENAME_LENGTH - len(kept)].rstrip() + kept
+    return stem[: MAX_FILENAME_LENGTH - len(suffix)].rstrip() + suffix
 
 
 def _check_upload_request(data: UploadRequest, settings: Settings) -> str | None:

@@ -211,7 +211,7 @@ class HeaderSigner(_BucketSigner):
         }
         if self._session_token is not None:
             signed["x-amz-security-token"] = self._session_token
-        # Values are trimmed and their inner runs of spaces collapsed, as SigV4 asks.
+        # Values are trimmed and their inner runs of spaces collapsed, as SigV4 requires.
         canonical = sorted(
             (name.lower(), " ".join(value.split())) for name, value in signed.items()
         )

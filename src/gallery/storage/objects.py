@@ -131,7 +131,7 @@ class ObjectClient:
         await self._send("PUT", key, operation="PutObject", headers=headers, body=body)
 
     async def delete(self, key: str) -> None:
-        """Delete one object; deleting a key that does not exist succeeds too."""
+        """Delete one object. Deleting a key that does not exist succeeds too."""
         await self._send("DELETE", key, operation="DeleteObject")
 
     async def _send(
@@ -159,20 +159,26 @@ class ObjectClient:
                         return None
                     if response.status < 300:
                         return await read(response)
-                    await self._raise_or_wait(response, operation, attempt)
+                    await self._raise_or_wait(response, operation, key, attempt)
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 await self._wait_or_raise(error, url, attempt)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _raise_or_wait(
-        self, response: aiohttp.ClientResponse, operation: str, attempt: int
+        self, response: aiohttp.ClientResponse, operation: str, key: str, attempt: int
     ) -> None:
         """Wait before the next try of a request S3 failed, or raise its ClientError."""
         body = await response.read()
         fields = {name.decode(): value.decode() for name, value in _ERROR_FIELD.findall(body)}
         code = fields.get("Code") or str(response.status)
         if response.status in RETRY_STATUSES and attempt < MAX_ATTEMPTS:
-            logger.info("S3 returned %s %s for %s; trying again", response.status, code, operation)
+            logger.info(
+                "S3 returned %s %s for %s of %s; trying again",
+                response.status,
+                code,
+                operation,
+                key,
+            )
             await _backoff(attempt)
             return
         error = {"Code": code, "Message": fields.get("Message", response.reason or "")}
@@ -182,7 +188,7 @@ class ObjectClient:
     async def _wait_or_raise(self, error: Exception, url: str, attempt: int) -> None:
         """Wait before the next try after a connection failure, or raise it as botocore does."""
         if attempt < MAX_ATTEMPTS:
-            logger.info("S3 request failed with %r; trying again", error)
+            logger.info("S3 request to %s failed with %r; trying again", url, error)
             await _backoff(attempt)
             return
         if isinstance(error, aiohttp.ClientConnectorError):
