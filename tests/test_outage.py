@@ -9,9 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from arq import Retry
+from arq import Retry, func
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from litestar.testing import AsyncTestClient
+from redis.exceptions import WatchError
 
 from gallery import index
 from gallery.app import create_app
@@ -21,6 +23,7 @@ from gallery.index import State
 from gallery.storage import Storage
 from tests.support import HTMX, gallery_process, make_jpeg, post_to_s3
 from worker.jobs import DEFERRED, MAX_TRIES, verify_upload
+from worker.settings import ReconnectingWorker, make_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -179,3 +182,117 @@ async def test_health_endpoints_answer_json(client, redis):
         "ok": False,
         "error": "no worker has reported itself in the last 31 s",
     }
+
+
+def _bare_worker(settings, functions, **options) -> ReconnectingWorker:
+    """Build a worker that runs only `functions`: no cron jobs, no S3, no process pool."""
+    return make_worker(
+        settings,
+        functions=functions,
+        **options,
+        cron_jobs=[],
+        on_startup=None,
+        on_shutdown=None,
+        poll_delay=0.05,
+        handle_signals=False,
+    )
+
+
+async def test_retry_during_outage_runs_soon(own_redis, settings):
+    # arq records a job's end, and its next run, in Redis; the job ends while it is down.
+    drill = replace(settings, redis_url=own_redis.url)
+    runs = []
+
+    async def flaky(ctx):
+        runs.append(time.monotonic())
+        if len(runs) == 1:
+            await asyncio.to_thread(own_redis.stop)
+            raise Retry(defer=1)
+        return "done"
+
+    worker = _bare_worker(drill, [func(flaky, name="flaky")])
+    redis = ArqRedis.from_url(own_redis.url)
+    await redis.enqueue_job("flaky", _job_id="flaky-1")
+    await redis.aclose()
+    running = asyncio.create_task(worker.main())
+    try:
+        deadline = time.monotonic() + 30
+        while not runs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)
+        await asyncio.to_thread(own_redis.start)
+        back = time.monotonic()
+        # Without the recorded end, arq runs the job again only when its in-progress key
+        # expires, job_timeout + 10 s = 310 s after the first run started.
+        while len(runs) < 2 and time.monotonic() < back + 20:
+            await asyncio.sleep(0.1)
+    finally:
+        running.cancel()
+        await worker.close()
+    assert len(runs) == 2, "the job did not run again within 20 s of Redis coming back"
+
+
+async def test_unstarted_job_runs_after_outage(own_redis, settings):
+    # arq marks a job in progress, then reads it to run it: Redis is gone in between.
+    drill = replace(settings, redis_url=own_redis.url)
+    runs = []
+
+    async def job(ctx):
+        runs.append(ctx["job_try"])
+
+    redis = ArqRedis.from_url(own_redis.url)
+    worker = _bare_worker(
+        drill, [func(job, name="job")], redis_pool=ArqRedis.from_url(own_redis.url)
+    )
+    await redis.enqueue_job("job", _job_id="job-1")
+    await redis.psetex(in_progress_key_prefix + "job-1", 310_000, b"1")
+    score = int(await redis.zscore("arq:queue", "job-1"))
+    await asyncio.to_thread(own_redis.stop)
+    await worker.run_job("job-1", score)
+    await asyncio.to_thread(own_redis.start)
+    try:
+        # The first poll once Redis is back frees the job, and a later one starts it.
+        deadline = time.monotonic() + 10
+        while not runs and time.monotonic() < deadline:
+            await worker._poll_iteration()
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.close()
+        await redis.aclose()
+    assert runs == [1]
+
+
+async def test_watch_error_keeps_worker_polling(own_redis, settings, monkeypatch):
+    async def job(ctx):
+        pass
+
+    pool = ArqRedis.from_url(own_redis.url)
+    worker = _bare_worker(
+        replace(settings, redis_url=own_redis.url), [func(job, name="job")], redis_pool=pool
+    )
+
+    async def lost(self):
+        raise WatchError("A ConnectionError occurred on while watching one or more keys")
+
+    monkeypatch.setattr(ReconnectingWorker, "heart_beat", lost)
+    monkeypatch.setattr("worker.settings.MAX_RECONNECT_DELAY", 0)
+    try:
+        await worker._poll_iteration()
+    finally:
+        await worker.close()
+    assert worker._outage_started is not None
+
+
+async def test_verify_retries_while_redis_is_down(settings):
+    closed = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    offline = ArqRedis.from_url(closed.redis_url)
+    ctx = {"redis": offline, "store": None, "settings": closed, "job_try": 1, "pool": None}
+    try:
+        with pytest.raises(Retry) as retry:
+            await verify_upload(ctx, "01a2438f00000000000000000000")
+        last = {**ctx, "job_try": MAX_TRIES}
+        outcome = await verify_upload(last, "01a2438f00000000000000000000")
+    finally:
+        await offline.aclose()
+    assert retry.value.defer_score == 2000
+    assert outcome == DEFERRED

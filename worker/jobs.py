@@ -83,6 +83,23 @@ async def verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
     to finish the record wins. Service errors and a broken decoding pool retry with
     backoff up to MAX_TRIES; an image the checks reject, and any other error, is final.
     """
+    try:
+        return await _verify_upload(ctx, upload_id)
+    except (RedisConnectionError, RedisTimeoutError) as error:
+        # Redis went away while the run read or finished the upload's record.
+        job_try = ctx.get("job_try", 1)
+        if job_try < MAX_TRIES:
+            raise _retry(upload_id, job_try, error) from error
+        logger.warning(
+            "upload %s: %d tries failed, last with %r; the sweep queues it again",
+            upload_id,
+            job_try,
+            error,
+        )
+        return DEFERRED
+
+
+async def _verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
     started = time.monotonic()
     redis, store = ctx["redis"], ctx["store"]
     upload = await index.get_upload(redis, upload_id)
@@ -130,7 +147,7 @@ async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str | Rejecti
         # The run ends here, so it does not count towards MAX_ATTEMPTS.
         await _end_attempt(ctx["redis"], upload)
         if job_try < MAX_TRIES:
-            raise _retry(upload, job_try, error) from error
+            raise _retry(upload.id, job_try, error) from error
         logger.warning(
             "upload %s: %d tries failed, last with %r; the sweep queues it again",
             upload.id,
@@ -156,7 +173,7 @@ async def _verify_or_retry(ctx: dict[str, Any], upload: Upload) -> str | Rejecti
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
         if job_try < MAX_TRIES:
-            raise _retry(upload, job_try, error) from error
+            raise _retry(upload.id, job_try, error) from error
         logger.exception("upload %s: giving up after %d tries", upload.id, job_try)
         return REASON_FAILED
     except Exception:
@@ -176,10 +193,10 @@ class NotArrivedYet(Exception):
     """The upload's file is not in the bucket, but its form may still be used to send it."""
 
 
-def _retry(upload: Upload, job_try: int, error: Exception) -> Retry:
+def _retry(upload_id: str, job_try: int, error: Exception) -> Retry:
     delay = RETRY_DELAYS[min(job_try, len(RETRY_DELAYS)) - 1]
     logger.warning(
-        "upload %s: try %d failed with %r, retrying in %d s", upload.id, job_try, error, delay
+        "upload %s: try %d failed with %r, retrying in %d s", upload_id, job_try, error, delay
     )
     return Retry(defer=delay)
 

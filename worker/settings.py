@@ -7,16 +7,20 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from arq import cron
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, get_kwargs
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from gallery.health import host_heartbeat_key
 from gallery.logs import log_job
@@ -29,11 +33,16 @@ from worker.sweep import sweep_uploads
 
 logger = logging.getLogger(__name__)
 
-# Each Redis command is sent again on a lost connection, with exponential backoff from
-# 0.1 s up to 2 s between tries, so a restart of the server of a few seconds goes unnoticed.
+# A command whose connection breaks is sent again, with exponential backoff from 0.1 s up
+# to 2 s between tries.
 REDIS_COMMAND_RETRIES = 8
 # After that, the polling loop waits this long, at most, between tries to reach Redis.
 MAX_RECONNECT_DELAY = 10.0
+# redis-py opens a connection outside that retry loop, so while the server is down and
+# refuses connections, every command fails at once.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# A connection lost inside arq's WATCH of a cron job's key comes out as a WatchError.
+POLL_ERRORS = (*REDIS_ERRORS, WatchError)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -56,10 +65,58 @@ class ReconnectingWorker(Worker):
 
     arq 0.28 lets a connection error out of its polling loop, which stops the worker. It
     also records a heartbeat under its host's name, for `gallery worker --check`.
+
+    A job that ends while Redis is down cannot record its end, and arq would leave it
+    marked as running until its in-progress key expires, `job_timeout` + 10 s later. The
+    worker keeps such ends and records them once Redis is back, so a job that asked to be
+    retried runs again within seconds of the outage, not minutes.
     """
 
     _outage_started: float | None = None
     _host_heartbeat_at: float = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Job id -> the write that records its end, for jobs that ended during an outage.
+        self._unrecorded_ends: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except REDIS_ERRORS as error:
+            # arq could not read the job to start it. Free the job once Redis is back, so
+            # that it runs then instead of when its in-progress key expires.
+            release = partial(self.pool.delete, in_progress_key_prefix + job_id)
+            self._unrecorded_ends.setdefault(job_id, release)
+            logger.warning(
+                "job %s could not start: Redis is unreachable (%r); it runs once Redis is back",
+                job_id,
+                error,
+            )
+
+    async def finish_job(self, job_id: str, *args: Any) -> None:
+        await self._record_end(job_id, partial(super().finish_job, job_id, *args))
+
+    async def finish_failed_job(self, job_id: str, *args: Any) -> None:
+        await self._record_end(job_id, partial(super().finish_failed_job, job_id, *args))
+
+    async def _record_end(self, job_id: str, record: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await record()
+        except REDIS_ERRORS as error:
+            self._unrecorded_ends[job_id] = record
+            logger.warning(
+                "job %s ended while Redis was unreachable (%r); its end is recorded once "
+                "Redis is back",
+                job_id,
+                error,
+            )
+
+    async def _record_unrecorded_ends(self) -> None:
+        for job_id, record in list(self._unrecorded_ends.items()):
+            await record()
+            del self._unrecorded_ends[job_id]
+            logger.info("job %s: end recorded after the outage", job_id)
 
     async def record_health(self) -> None:
         """Write arq's shared health key and this host's heartbeat, each health check interval.
@@ -80,8 +137,10 @@ class ReconnectingWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         try:
+            if self._unrecorded_ends:
+                await self._record_unrecorded_ends()
             await super()._poll_iteration()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except POLL_ERRORS as error:
             await self._wait_after_error(error)
             return
         if self._outage_started is not None:
