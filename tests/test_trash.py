@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import time
 
+from botocore.exceptions import EndpointConnectionError
+from redis.asyncio import Redis
+
 from gallery import index, quotas, storage, trash
 from gallery.index import State
+from gallery.storage import Storage
 from tests.support import HTMX, make_jpeg
 from worker.jobs import purge_trash
 
@@ -241,3 +245,79 @@ async def test_delete_forever_sends_note_and_count(client, run_worker, redis):
     assert json.loads(response.headers["hx-trigger"]) == {"countChanged": -1}
     assert 'hx-swap-oob="innerHTML:#messages"' in response.text
     assert "Deleted beach.jpg forever." in response.text
+
+
+async def test_delete_forever_after_stale_read_keeps_image(client, run_worker, store, redis):
+    upload_id, user_id = await ready_image(client, run_worker, redis)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+    # The delete request read the image in the trash; a restore in another tab came next.
+    stale = await index.get_upload(redis, upload_id)
+    await client.http.post(f"/images/{upload_id}/restore", headers={**client.csrf, **HTMX})
+
+    deleted = await trash.delete_forever(redis, store, stale)
+
+    assert stale.state == State.TRASHED
+    assert deleted is False
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+    assert len(await keys_present(store, user_id, upload_id)) == 4
+
+
+async def test_restore_during_delete_forever_fails(
+    client, run_worker, store, redis, settings, monkeypatch
+):
+    upload_id, user_id = await ready_image(client, run_worker, redis)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+    upload = await index.get_upload(redis, upload_id)
+    delete_objects = Storage.delete
+    restores = []
+
+    async def restore_then_delete(self, keys):
+        # A restore reaches Redis while the delete's requests to S3 are on their way. The
+        # app runs on the test client's own event loop, so it needs a client of its own.
+        async with Redis.from_url(settings.redis_url) as own_redis:
+            restores.append(await index.untrash_upload(own_redis, upload))
+        await delete_objects(self, keys)
+
+    monkeypatch.setattr(Storage, "delete", restore_then_delete)
+    response = await client.delete(upload_id)
+
+    assert response.status_code == 200
+    assert restores == [False]
+    assert await index.get_upload(redis, upload_id) is None
+    assert await index.count_grid(redis, user_id) == 0
+    assert await keys_present(store, user_id, upload_id) == []
+
+
+async def test_failed_delete_forever_leaves_image_restorable(
+    client, run_worker, store, redis, monkeypatch
+):
+    upload_id, user_id = await ready_image(client, run_worker, redis)
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+
+    async def unreachable(self, keys):
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Storage, "delete", unreachable)
+        failed = await client.delete(upload_id)
+    restored = await client.http.post(
+        f"/images/{upload_id}/restore", headers={**client.csrf, **HTMX}
+    )
+
+    assert failed.status_code == 503
+    assert restored.status_code == 200
+    assert (await index.get_upload(redis, upload_id)).state == State.READY
+    assert len(await keys_present(store, user_id, upload_id)) == 4
+
+
+async def test_verify_of_upload_being_deleted_stores_nothing(client, run_worker, store, redis):
+    upload_id = await client.upload(make_jpeg(), "beach.jpg")
+    upload = await index.get_upload(redis, upload_id)
+    # The owner deletes the processing tile while its job is about to finish.
+    assert await index.claim_delete(redis, upload)
+
+    await run_worker()
+
+    assert (await index.get_upload(redis, upload_id)).state != State.READY
+    assert await index.count_grid(redis, upload.user_id) == 1
+    assert await keys_present(store, upload.user_id, upload_id) == []

@@ -368,7 +368,8 @@ async def cancel_upload(
     upload = await index.get_owned_upload(redis, _user_id(request), upload_id)
     if upload is None or upload.state != State.ISSUED:
         raise NotFoundException("No such upload waiting for its file.")
-    await trash.delete_forever(redis, store, upload)
+    if not await trash.delete_forever(redis, store, upload):
+        raise NotFoundException("No such upload waiting for its file.")
     return Response("", media_type="text/plain")
 
 
@@ -458,13 +459,14 @@ async def delete_image(
     which cannot send DELETE.
     """
     upload = await owned_upload(redis, _user_id(request), image_id)
-    # NOTE: a restore between this check and the delete still loses the image.
-    if upload.state == State.READY:
+    deleted = upload.state != State.READY and await trash.delete_forever(redis, store, upload)
+    if not deleted:
+        # Ready, or restored since it was read; a 404 when another request deleted it.
+        await owned_upload(redis, _user_id(request), image_id)
         message = f"{upload.filename} is in your gallery, not in the trash, so it was not deleted."
         if request.htmx:
             return Response(message, status_code=HTTP_409_CONFLICT, media_type="text/plain")
         raise ClientException(message, status_code=HTTP_409_CONFLICT)
-    await trash.delete_forever(redis, store, upload)
     if not request.htmx:
         return Redirect(request.app.route_reverse("trash:list"), status_code=HTTP_303_SEE_OTHER)
     # A trashed image is deleted from the trash page, which counts down. The gallery page

@@ -151,7 +151,7 @@ _FINISH = """
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return '' end
+if not state or redis.call('HEXISTS', KEYS[1], 'deleting') == 1 then return '' end
 if state == 'ready' or state == 'rejected' then return state end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 state = redis.call('HGET', KEYS[1], 'state')
@@ -186,11 +186,26 @@ return 1
 
 _UNTRASH = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'trashed' then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'deleting') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'ready', 'trashed_at', '0.0', 'updated_at', ARGV[2])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
+"""
+
+# Marks a record as being deleted for good, when its state is one of ARGV. From then on it
+# cannot be restored or finished, so its objects can be deleted without a check racing them.
+_CLAIM_DELETE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+for _, allowed in ipairs(ARGV) do
+  if state == allowed then
+    redis.call('HSET', KEYS[1], 'deleting', '1')
+    return 1
+  end
+end
+return 0
 """
 
 
@@ -397,6 +412,22 @@ async def _finish(redis: Redis, upload: Upload, values: dict[str, str]) -> bool:
     if isinstance(final_state, bytes):
         final_state = final_state.decode()
     return final_state == values["state"]
+
+
+async def claim_delete(redis: Redis, upload: Upload) -> bool:
+    """Mark an upload as being deleted for good; False when it is ready or gone.
+
+    Any state but ready may be claimed: a ready image goes to the trash before it can be
+    deleted. While claimed, a restore of the upload fails and a verify job that finishes it
+    deletes what it stored instead. `release_delete` takes the claim back.
+    """
+    allowed = [state.value for state in State if state != State.READY]
+    return bool(await redis.eval(_CLAIM_DELETE, 1, _record_key(upload.id), *allowed))
+
+
+async def release_delete(redis: Redis, upload: Upload) -> None:
+    """Take back a claim of `claim_delete` whose delete failed, so the upload can be restored."""
+    await redis.hdel(_record_key(upload.id), "deleting")
 
 
 async def delete_upload(redis: Redis, upload: Upload) -> bool:

@@ -36,17 +36,27 @@ SECONDS_PER_DAY = 24 * 3600
 TRASH_PAGE_LIMIT = 500
 
 
-async def delete_forever(redis: Redis, store: Storage, upload: Upload) -> None:
+async def delete_forever(redis: Redis, store: Storage, upload: Upload) -> bool:
     """Delete an image's objects, then its record, grid and trash entries, for good.
 
-    The objects go first, so a failure leaves a record that the next attempt finds again
-    instead of objects that nothing points to.
+    Returns False, deleting nothing, when the image is ready or gone, for example when it
+    was restored in another tab after the caller read it. The record is claimed first, so a restore cannot
+    come between the check and the delete. The objects go before the record, so a failure
+    leaves a record that the next attempt finds again instead of objects that nothing
+    points to; the claim is then taken back, and the image can still be restored.
     """
-    await store.delete(storage.image_keys(upload.user_id, upload.id))
+    if not await index.claim_delete(redis, upload):
+        return False
+    try:
+        await store.delete(storage.image_keys(upload.user_id, upload.id))
+    except BaseException:
+        await index.release_delete(redis, upload)
+        raise
     await index.delete_upload(redis, upload)
     await quotas.release(redis, upload.user_id, upload.id)
     await shares.remove_image(redis, upload.id)
     logger.info("deleted image %s of user %s forever", upload.id, upload.user_id)
+    return True
 
 
 async def purge_expired(
@@ -58,11 +68,12 @@ async def purge_expired(
     """
     cutoff = (time.time() if now is None else now) - retention_days * SECONDS_PER_DAY
     expired = await index.expired_trash(redis, cutoff)
+    deleted = 0
     for upload in expired:
         # Restored since the listing: it is back in the grid and stays.
-        if upload.state == State.TRASHED:
-            await delete_forever(redis, store, upload)
-    return len(expired)
+        if upload.state == State.TRASHED and await delete_forever(redis, store, upload):
+            deleted += 1
+    return deleted
 
 
 def _user_id(request: Request[Any, Any, Any]) -> str:
