@@ -65,6 +65,26 @@ async def test_unreported_upload_becomes_ready(client, run_worker, store, redis,
     assert "unreported.jpg" in (await client.http.get("/images")).text
 
 
+async def test_gallery_page_finds_unreported_upload(client, run_worker, redis, forget_uploads):
+    # The page was reloaded after the file reached S3 and before it sent "done".
+    data = make_jpeg()
+    posted = (await client.request_form("posted.jpg", "image/jpeg", len(data))).json()
+    unused = (await client.request_form("unused.jpg", "image/jpeg", len(data))).json()
+    forget_uploads.append(unused["id"])
+    assert (await post_to_s3(posted, data)).status_code == 201
+
+    page = await client.http.get("/images")
+    found = await index.get_upload(redis, posted["id"])
+    await run_worker()
+
+    assert page.status_code == 200
+    assert f'id="tile-{posted["id"]}"' in page.text
+    assert f'id="tile-{unused["id"]}"' not in page.text
+    assert found.state == State.UPLOADED
+    assert (await index.get_upload(redis, posted["id"])).state == State.READY
+    assert (await index.get_upload(redis, unused["id"])).state == State.ISSUED
+
+
 async def test_upload_whose_file_never_arrived_is_purged(client, store, redis, settings):
     form = (await client.request_form("never.jpg", "image/jpeg", 100)).json()
     user_id = await _user_id(client, redis)

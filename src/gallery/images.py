@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import unicodedata
 from collections.abc import Callable
@@ -86,6 +87,8 @@ async def list_images(
     message with Undo; it shows only when it names a trashed image of this user.
     """
     user_id = _user_id(request)
+    if not before:
+        await _queue_arrived_uploads(redis, store, user_id)
     uploads, next_cursor = await index.list_grid(
         redis, user_id, before=before, limit=settings.page_size
     )
@@ -264,6 +267,25 @@ async def create_upload(
         "cancel_url": request.app.route_reverse("images:cancel-upload", upload_id=upload.id),
     }
     return Response(body)
+
+
+async def _queue_arrived_uploads(redis: ArqRedis, store: Storage, user_id: str) -> None:
+    """Queue the user's issued uploads whose file is in S3 though "done" never came.
+
+    A reload or a closed tab just after a file reached S3 loses the page's "done" request.
+    The sweep finds such a file only once its form has expired, minutes later. The gallery
+    page looks on each load, so the photo shows up on the reload. One HEAD request per issued
+    upload, at most `max_pending_uploads` of them, and none when there are none.
+    """
+    issued = await index.list_issued(redis, user_id)
+    found = await asyncio.gather(
+        *(store.head(storage.incoming_key(user_id, upload.id)) for upload in issued)
+    )
+    for upload, info in zip(issued, found, strict=True):
+        if info is not None and await index.mark_uploaded(redis, upload):
+            await quotas.hold(redis, user_id, upload.id)
+            await jobs.enqueue_verify(redis, upload.id)
+            await metrics.count(redis, "gallery_uploads_completed_total", source="gallery_page")
 
 
 async def _trashed_upload(redis: ArqRedis, user_id: str, image_id: str | None) -> Upload | None:

@@ -285,6 +285,17 @@ async def restore_upload(redis: Redis, upload: Upload) -> bool:
     return bool(await redis.eval(_RESTORE, len(keys), *keys, *args))
 
 
+async def list_issued(redis: Redis, user_id: str) -> list[Upload]:
+    """Return a user's issued uploads that still count against the pending cap.
+
+    Their scores in the user's pending set are form expiry times; uploads on their way
+    through a worker score +inf.
+    """
+    ids = await redis.zrange(_user_pending_key(user_id), "-inf", "(+inf", byscore=True)
+    uploads = await get_uploads(redis, [raw.decode() for raw in ids])
+    return [upload for upload in uploads if upload.state == State.ISSUED]
+
+
 async def get_upload(redis: Redis, upload_id: str) -> Upload | None:
     return _decode(await redis.hgetall(_record_key(upload_id)))
 

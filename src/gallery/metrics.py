@@ -54,7 +54,8 @@ COUNTERS = {
         Metric(
             "gallery_uploads_completed_total",
             "counter",
-            "Uploads reported done, by the browser or found in S3 by the sweep (source).",
+            "Uploads reported done by the browser, or found in S3 by the gallery page or the "
+            "sweep (source).",
             labelled=True,
         ),
         Metric("gallery_uploads_verified_total", "counter", "Uploads that became ready."),
