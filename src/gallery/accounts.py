@@ -261,7 +261,7 @@ async def sign_up(
 
 @get("/signin", name="accounts:signin-page")
 async def show_signin(
-    next_path: Annotated[str | None, QueryParameter(query="next")] = None,
+    next_path: Annotated[str | None, QueryParameter(name="next")] = None,
     ended: FromQuery[str | None] = None,
 ) -> Template:
     """Show the sign-in form, which returns to `next_path` after sign-in when it is safe.
