@@ -8,10 +8,13 @@ import logging
 from dataclasses import replace
 
 import pytest
+from litestar.testing import AsyncTestClient
 
+from gallery.app import create_app
+from gallery.embedded import free_port
 from gallery.logs import JsonFormatter, Redactor, configure_logging, secret_values
 from gallery.settings import Settings
-from tests.support import TEST_PASSWORD, make_jpeg, post_to_s3
+from tests.support import HTMX, TEST_PASSWORD, make_jpeg, post_to_s3
 
 PRESIGNED = (
     "http://127.0.0.1:8333/bucket/u/1/t/2.webp?X-Amz-Algorithm=AWS4-HMAC-SHA256"
@@ -153,5 +156,32 @@ async def test_client_mistakes_log_one_line_without_traceback(captured_logs, mak
     assert (missing.status_code, no_csrf.status_code, signed_out.status_code) == (404, 403, 302)
     statuses = [line["status"] for line in lines if line["logger"] == "gallery.requests"]
     assert statuses[-3:] == [404, 403, 302]
+    assert [line["message"] for line in lines if line["level"] == "ERROR"] == []
+    assert "Traceback" not in buffer.getvalue()
+
+
+async def test_outage_logs_one_warning_per_request(
+    captured_logs, make_client, run_worker, settings
+):
+    client = await make_client()
+    upload_id = await client.upload(make_jpeg())
+    await run_worker()
+    # Only an image in the trash can be deleted forever, which needs S3.
+    await client.http.post(f"/images/{upload_id}/trash", headers={**client.csrf, **HTMX})
+    buffer = captured_logs("json", "INFO")
+    no_redis = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    no_s3 = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+
+    async with AsyncTestClient(create_app(no_redis)) as offline:
+        offline.cookies = client.http.cookies
+        page = await offline.get("/images")
+    async with AsyncTestClient(create_app(no_s3)) as offline:
+        offline.cookies = client.http.cookies
+        deleted = await offline.delete(f"/images/{upload_id}", headers=client.csrf)
+
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    unavailable = [line for line in lines if "service unavailable" in line["message"]]
+    assert (page.status_code, deleted.status_code) == (503, 503)
+    assert [line["level"] for line in unavailable] == ["WARNING", "WARNING"]
     assert [line["message"] for line in lines if line["level"] == "ERROR"] == []
     assert "Traceback" not in buffer.getvalue()

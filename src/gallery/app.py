@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis
-from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
 from botocore.exceptions import ConnectionError as S3ConnectionError
 from litestar import Litestar
 from litestar.config.csrf import CSRFConfig
@@ -25,6 +32,7 @@ from litestar.template.config import TemplateConfig
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -59,6 +67,20 @@ def _redis_options() -> dict[str, Any]:
         "retry": RedisRetry(NoBackoff(), 1),
         "retry_on_error": [RedisConnectionError],
     }
+
+
+# The exact classes of the errors of Redis or S3 out of reach: Litestar matches the
+# exception's own class against `disable_stack_trace`, not its bases.
+UNREACHABLE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    HTTPClientError,
+)
 
 
 def provide_store(state: State) -> Storage:
@@ -133,8 +155,9 @@ def create_app(settings: Settings) -> Litestar:
             configure_root_logger=False,
             log_exceptions="always",
             # A client's mistake (401, 404, a CSRF 403) is one request log line, not a
-            # traceback: only errors of ours are logged with their stack.
-            disable_stack_trace=set(range(400, 500)),
+            # traceback: only errors of ours are logged with their stack. So is Redis or S3
+            # out of reach, which errors.show_unavailable logs as one warning per request.
+            disable_stack_trace={*range(400, 500), *UNREACHABLE_ERRORS},
             loggers={"litestar": {"level": "INFO", "handlers": [], "propagate": True}},
         ),
         # No OpenAPI pages: the app has no public API, and their viewers load remote scripts.
