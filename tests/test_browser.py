@@ -678,8 +678,9 @@ async def test_count_and_quota_line_follow_changes_without_reload(
 async def short_form_url(
     settings: Settings, served_settings: Settings, store: Storage
 ) -> AsyncIterator[str]:
-    """Hand over the URL of a `gallery serve` whose upload forms expire after 2 s."""
-    short_form = replace(served_settings, port=free_port(), upload_form_seconds=2)
+    """Hand over the URL of a `gallery serve` whose upload forms expire after 3 s."""
+    # Long enough for the second form's post to reach S3 in time on a loaded machine.
+    short_form = replace(served_settings, port=free_port(), upload_form_seconds=3)
     await store.ensure_bucket([settings.app_url, served_settings.app_url, short_form.app_url])
     log_path = ARTIFACTS_DIR / "browser-app-short-form.log"
     with gallery_process("serve", short_form, log_path) as process:
@@ -701,11 +702,11 @@ async def test_expired_form_is_fetched_again_once(
     form_ids: list[str] = []
     cancel_statuses: list[int] = []
 
-    # The first post reaches S3 3 s after its form was signed, 1 s after the form expired.
+    # The first post reaches S3 4 s after its form was signed, 1 s after the form expired.
     async def hold_first_post(route: Route) -> None:
         if route.request.method == "POST" and not s3_statuses:
             s3_statuses.append(0)
-            await asyncio.sleep(3)
+            await asyncio.sleep(4)
         await route.continue_()
 
     async def record(response: Response) -> None:

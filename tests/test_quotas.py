@@ -116,12 +116,13 @@ async def test_expired_form_releases_its_reservation(make_client, settings):
 
 
 async def test_completed_upload_keeps_reservation_past_form_expiry(make_client, settings, redis):
-    app_settings = replace(settings, quota_bytes=1000, upload_form_seconds=1)
+    # The form must outlive the post to S3 on a loaded machine, then expire.
+    app_settings = replace(settings, quota_bytes=1000, upload_form_seconds=3)
     client = await make_client(app_settings=app_settings)
     data = make_jpeg()
     upload_id = await client.upload(data)
 
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(3.2)
     usage = await quotas.get_usage(redis, await _user_id(redis, upload_id))
 
     assert (usage.reserved_bytes, usage.reserved_images) == (len(data), 1)

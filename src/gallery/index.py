@@ -292,6 +292,8 @@ async def list_issued(redis: Redis, user_id: str) -> list[Upload]:
     through a worker score +inf.
     """
     ids = await redis.zrange(_user_pending_key(user_id), "-inf", "(+inf", byscore=True)
+    if not ids:
+        return []
     uploads = await get_uploads(redis, [raw.decode() for raw in ids])
     return [upload for upload in uploads if upload.state == State.ISSUED]
 
