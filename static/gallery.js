@@ -21,18 +21,28 @@
     document.getElementById("empty").hidden = count !== 0;
   }
 
-  function messageElement(text, className) {
+  // `outage` marks an error from a 5xx response or from a request that got no response,
+  // so that a later successful request clears it.
+  function messageElement(text, className, outage) {
     const paragraph = document.createElement("p");
     paragraph.className = className;
     if (className === "error") paragraph.setAttribute("role", "alert");
+    if (outage) paragraph.dataset.outage = "";
     paragraph.textContent = text;
     return paragraph;
   }
 
-  function showMessage(text, className) {
+  function showMessage(text, className, outage) {
     clearTimeout(noteTimer);
     const messages = document.getElementById("messages");
-    messages.replaceChildren(...(text ? [messageElement(text, className || "error")] : []));
+    const shown = text ? [messageElement(text, className || "error", outage)] : [];
+    messages.replaceChildren(...shown);
+  }
+
+  // Removes an error that came from a 5xx response or a network failure. upload.js calls
+  // it when its own requests succeed, since they do not go through htmx.
+  function clearOutage() {
+    if (document.querySelector("#messages .error[data-outage]")) showMessage("");
   }
 
   function showNote(text) {
@@ -50,7 +60,7 @@
     }
   }
 
-  window.gallery = { showMessage, showNote };
+  window.gallery = { showMessage, showNote, clearOutage };
 
   // A note that a response swaps into the message area with data-passing goes away like
   // one from showNote.
@@ -64,14 +74,51 @@
   // The app sends HX-Trigger: {"countChanged": delta} when a tile leaves the trash page.
   document.addEventListener("countChanged", (event) => changeCount(Number(event.detail.value)));
 
+  // Statuses that a later request can fix: the app returns 503 while Redis or S3 is
+  // unreachable, and a proxy in front of it may return 502 or 504 while the app restarts.
+  // Status 0 is a request that got no response.
+  const TEMPORARY_STATUSES = [0, 502, 503, 504];
+  const FIRST_RETRY_SECONDS = 2;
+  const MAX_RETRY_SECONDS = 30;
+  // Failed polls in a row, by tile id, which set how long a tile waits before its next poll.
+  const pollFailures = new Map();
+
+  // A processing tile polls itself by replacing itself, so a failed poll would end its
+  // polling. It polls again after 2 s, doubling up to 30 s, or after the Retry-After time.
+  function retryTilePoll(detail) {
+    const tile = detail.elt;
+    if (!tile || !tile.isConnected || !tile.matches(".tile[hx-get]")) return;
+    if (!TEMPORARY_STATUSES.includes(detail.xhr.status)) return;
+    const failures = (pollFailures.get(tile.id) || 0) + 1;
+    pollFailures.set(tile.id, failures);
+    const retryAfter = Number(detail.xhr.getResponseHeader("Retry-After"));
+    const backoff = Math.min(FIRST_RETRY_SECONDS * 2 ** (failures - 1), MAX_RETRY_SECONDS);
+    const seconds = retryAfter > 0 ? retryAfter : backoff;
+    setTimeout(() => {
+      if (!tile.isConnected) return;
+      // htmx.ajax rejects when no response arrives. The htmx:afterRequest listener has
+      // already scheduled the next poll then.
+      const options = { source: tile, target: tile, swap: "outerHTML" };
+      htmx.ajax("GET", tile.dataset.tileUrl, options).catch(() => undefined);
+    }, seconds * 1000);
+  }
+
   document.addEventListener("htmx:afterRequest", (event) => {
-    if (!event.detail.successful) return;
+    const detail = event.detail;
+    if (!detail.successful) {
+      retryTilePoll(detail);
+      return;
+    }
+    if (detail.elt && detail.elt.id) pollFailures.delete(detail.elt.id);
     // A request the user started has succeeded, so an earlier error no longer applies.
-    // Background requests, such as a processing tile polling itself, leave it in place.
-    const trigger = event.detail.requestConfig.triggeringEvent;
+    // Background requests, such as a processing tile polling itself, leave it in place,
+    // unless the error came from an outage that the success shows is over.
+    const trigger = detail.requestConfig.triggeringEvent;
     const messages = document.getElementById("messages");
     if (trigger && trigger.isTrusted && messages.querySelector(".error")) {
       showMessage("");
+    } else {
+      clearOutage();
     }
   });
 
@@ -101,7 +148,8 @@
     const message = usable
       ? text
       : "The request failed (" + detail.xhr.status + "). Reload the page and try again.";
-    detail.serverResponse = messageElement(message, "error").outerHTML;
+    const outage = detail.xhr.status >= 500;
+    detail.serverResponse = messageElement(message, "error", outage).outerHTML;
   });
 
   // "Share selected" with no photo or too many selected stays on the page with a message.
@@ -123,7 +171,8 @@
 
   // A network failure reaches no swap at all.
   document.addEventListener("htmx:sendError", () => {
-    showMessage("The gallery could not be reached. Check the connection, then try again.");
+    const text = "The gallery could not be reached. Check the connection, then try again.";
+    showMessage(text, "error", true);
   });
 
   // Ids of the tiles refreshed after a thumbnail error, so each is refreshed at most once

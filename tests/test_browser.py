@@ -39,6 +39,7 @@ from playwright.async_api import (
 
 from gallery import storage
 from gallery.embedded import free_port
+from gallery.errors import ERROR_TEXTS
 from gallery.settings import Settings
 from gallery.storage import Storage
 from tests.support import TEST_PASSWORD, gallery_process, make_jpeg, seed_grid
@@ -77,6 +78,9 @@ SHORT_URL_EXPIRY_SECONDS = 2
 # The path of a 1x or 2x thumbnail in a presigned S3 URL (storage.thumbnail_key).
 THUMBNAIL_URL = re.compile(r"/u/\w+/t2?/\w+\.webp")
 TILE_URL = re.compile(r"/images/\w+/tile$")
+
+# The body of the app's 503 to an htmx request while Redis or S3 is unreachable.
+UNAVAILABLE_TEXT = f"{ERROR_TEXTS[503].problem} {ERROR_TEXTS[503].next_step}"
 
 # Pixels of page width that do not fit the viewport and need horizontal scrolling.
 HORIZONTAL_OVERFLOW = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
@@ -1134,6 +1138,108 @@ async def test_network_error_offers_retry_that_succeeds(
     await expect(page.locator(".tile")).to_have_count(1)
     assert len(aborted) == 1
     assert all("ERR_CONNECTION_RESET" in error for error in console_errors), console_errors
+
+
+async def test_tile_polling_survives_outage(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, base_url)
+    failed_polls: list[str] = []
+
+    async def fail_first_two_polls(route: Route) -> None:
+        if not failed_polls:
+            failed_polls.append("503")
+            await route.fulfill(
+                status=503,
+                headers={"Retry-After": "1"},
+                content_type="text/plain",
+                body=UNAVAILABLE_TEXT,
+            )
+        elif len(failed_polls) == 1:
+            failed_polls.append("connection refused")
+            await route.abort("connectionrefused")
+        else:
+            await route.continue_()
+
+    await page.route(TILE_URL, fail_first_two_polls)
+    photo = {"name": "outage.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+
+    await page.locator("#file-input").set_input_files([photo])
+
+    await wait_for_length(failed_polls, 2)
+    await expect(page.locator("#messages .error")).to_be_visible()
+    await save_screenshot(page, "tile-poll-failed")
+    row = page.locator(".upload-row")
+    await expect(row.locator(".upload-state")).to_have_text("ready")
+    await expect(page.locator(".tile")).to_have_attribute("data-state", "ready")
+    await expect(page.locator(".tile")).to_have_count(1)
+    await expect(page.locator("#messages .error")).to_have_count(0)
+    await save_screenshot(page, "tile-poll-recovered")
+    # htmx logs its afterRequest and sendError events for a request that got no response.
+    expected_errors = ("503", "ERR_CONNECTION_REFUSED", "htmx:afterRequest", "htmx:sendError")
+    unexpected = [
+        error for error in console_errors if not any(text in error for text in expected_errors)
+    ]
+    assert unexpected == [], unexpected
+
+
+async def test_done_retry_sends_no_second_copy(
+    page: Page,
+    base_url: str,
+    worker: subprocess.Popen[bytes],
+    settings: Settings,
+    console_errors: list[str],
+) -> None:
+    await sign_up(page, base_url)
+    s3_posts: list[str] = []
+    completions: list[str] = []
+
+    def record_s3_post(request: Request) -> None:
+        if request.method == "POST" and request.url.startswith(settings.s3_endpoint_url):
+            s3_posts.append(request.url)
+
+    async def fail_first_done(route: Route) -> None:
+        completions.append(route.request.url)
+        if len(completions) > 1:
+            await route.continue_()
+            return
+        await route.fulfill(
+            status=503,
+            headers={"Retry-After": "30"},
+            content_type="text/plain",
+            body=UNAVAILABLE_TEXT,
+        )
+
+    page.on("request", record_s3_post)
+    await page.route(re.compile(r"/uploads/\w+/complete$"), fail_first_done)
+    photo = {"name": "stored.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+
+    await page.locator("#file-input").set_input_files([photo])
+
+    row = page.locator(".upload-row")
+    await expect(row.locator(".upload-state")).to_have_text(
+        "failed: the gallery cannot reach its database or file storage right now."
+        " Wait 30 seconds, then choose Retry."
+    )
+    await expect(row.get_by_role("button", name="Retry the upload of stored.jpg")).to_be_visible()
+    await save_screenshot(page, "done-503-failed-row")
+    await row.get_by_role("button", name="Retry the upload of stored.jpg").click()
+    await expect(row.locator(".upload-state")).to_have_text("ready")
+    await expect(page.locator(".tile")).to_have_count(1)
+    await expect(page.locator(".tile")).to_have_attribute("data-state", "ready")
+    await save_screenshot(page, "done-503-retried")
+    assert len(s3_posts) == 1, s3_posts
+    assert len(completions) == 2, completions
+    assert completions[0] == completions[1]
+    # The gallery page queues uploads whose file is in S3 but was never reported done.
+    # The retried upload was reported done, so a reload must not add it a second time.
+    await page.reload()
+    await expect(page.locator(".tile")).to_have_count(1)
+    await expect(page.get_by_alt_text("stored.jpg")).to_have_count(1)
+    assert all("503" in error for error in console_errors), console_errors
 
 
 async def test_cancel_stops_upload_and_frees_its_slot(
