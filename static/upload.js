@@ -30,6 +30,10 @@
     }
   }
 
+  // Raised when the app fails in a way that a later attempt can fix: a 5xx response, such
+  // as 503 while Redis or S3 is unreachable, or no response at all.
+  class TemporaryError extends Error {}
+
   // Raised when S3 rejects a form because it expired before the file was sent.
   class FormExpiredError extends Error {
     constructor() {
@@ -69,7 +73,17 @@
     retry.hidden = true;
     row.append(name, bar, state, cancel, retry);
     document.getElementById("upload-list").append(row);
-    return { row, bar, state, cancel, retry, request: null, form: null, cancelled: false };
+    return {
+      row,
+      bar,
+      state,
+      cancel,
+      retry,
+      request: null,
+      form: null,
+      storedForm: null,
+      cancelled: false,
+    };
   }
 
   // Kinds: waiting, uploading, verifying, ready, rejected, failed, cancelled.
@@ -121,7 +135,7 @@
     try {
       return await fetch(url, options);
     } catch (error) {
-      throw error instanceof TypeError ? new Error(UNREACHABLE) : error;
+      throw error instanceof TypeError ? new TemporaryError(UNREACHABLE) : error;
     }
   }
 
@@ -136,8 +150,19 @@
     return new Promise((resolve) => setTimeout(resolve, seconds * 1000));
   }
 
-  // Returns the message of an error response from our app, whatever its body.
+  // Returns the message of an error response from our app, whatever its body. The app's
+  // 503 text advises a reload, which would lose the rows not yet sent, so the row names
+  // its Retry button instead.
   async function errorMessage(response) {
+    if (response.status === 503) {
+      // 30 s is the Retry-After that the app sends with its 503 responses.
+      const seconds = Number(response.headers.get("Retry-After")) || 30;
+      return (
+        "the gallery cannot reach its database or file storage right now. Wait " +
+        seconds +
+        " seconds, then choose Retry."
+      );
+    }
     const body = await readJson(response.clone());
     if (body && (body.error || body.detail)) return body.error || body.detail;
     const text = (await response.text()).trim();
@@ -172,6 +197,7 @@
       if (response.ok) {
         const body = await readJson(response);
         if (body === null) throw new Error("the server returned an unexpected response");
+        window.gallery.clearOutage();
         // The form reserved quota, which the quota line shows as an upload in progress.
         galleryChanged();
         return body;
@@ -209,9 +235,13 @@
     if (response.status === 401) {
       throw signedOut(response, uploader);
     }
+    if (response.status >= 500) {
+      throw new TemporaryError(await errorMessage(response));
+    }
     if (!response.ok) {
       throw new Error(await errorMessage(response));
     }
+    window.gallery.clearOutage();
     const text = await response.text();
     htmx.swap("#grid", text, { swapStyle: "afterbegin" });
     galleryChanged();
@@ -279,13 +309,18 @@
     }
   }
 
+  // `view.storedForm` is the form whose file S3 has stored while "done" has not succeeded.
+  // A retry then reports the same upload done again, so no second copy is sent.
   async function upload(file, view, uploader) {
     setState(view, "uploading", "uploading");
     try {
-      const form = await sendFile(file, uploader, view);
+      const form = view.storedForm || (await sendFile(file, uploader, view));
+      view.form = form;
+      view.storedForm = form;
       view.bar.value = 100;
       setState(view, "verifying", "verifying");
       await completeUpload(form, uploader);
+      view.storedForm = null;
       follow(form.id, view);
     } catch (error) {
       if (error instanceof SignedOutError) {
@@ -297,6 +332,12 @@
         setState(view, "cancelled", "cancelled");
         return;
       }
+      // Dropping the form would delete the stored file, which "done" can still report.
+      if (view.storedForm && error instanceof TemporaryError) {
+        setState(view, "failed: " + error.message, "failed");
+        return;
+      }
+      view.storedForm = null;
       await dropForm(view.form);
       setState(view, "failed: " + error.message, "failed");
     } finally {
