@@ -11,9 +11,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gallery import index, storage
+from gallery import index, quotas, storage
 from gallery.index import State
 from tests.support import HTMX, make_jpeg
+from worker.sweep import sweep
 
 FIELD = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
 
@@ -104,6 +105,7 @@ async def test_plain_form_rejects_disallowed_posted_type(client, run_worker, sto
     assert upload.state == State.REJECTED
     assert "only JPEG" in upload.reason
     assert await store.head(storage.incoming_key(upload.user_id, upload_id)) is None
+    assert (await quotas.get_usage(redis, upload.user_id)).reserved_images == 0
 
 
 async def test_forged_redirect_changes_nothing(make_client, redis):
@@ -203,3 +205,42 @@ async def test_plain_form_is_not_reused_for_another_user(make_client):
 
     assert second_fields["key"] != first_fields["key"]
     assert second_fields["x-amz-meta-owner"] != first_fields["x-amz-meta-owner"]
+
+
+async def test_gallery_page_before_redirect_takes_posted_type(client, run_worker, redis):
+    # The gallery was opened in another tab before the browser followed S3's redirect.
+    action, fields = await plain_form(client)
+    upload_id = fields["key"].rsplit("/", 1)[1]
+    posted = await post_file(action, fields, make_jpeg(), "image/jpeg")
+
+    gallery = await client.http.get("/images")
+    location = urlsplit(posted.headers["location"])
+    done = await client.http.get(f"{location.path}?{location.query}", follow_redirects=False)
+    await run_worker()
+
+    upload = await index.get_upload(redis, upload_id)
+    assert gallery.status_code == 200
+    assert done.status_code == 303
+    assert upload.state == State.READY, upload.reason
+    assert upload.content_type == "image/jpeg"
+    assert upload.filename.endswith(".jpg")
+
+
+async def test_sweep_takes_posted_type_of_unfollowed_redirect(
+    client, run_worker, store, redis, settings
+):
+    action, fields = await plain_form(client)
+    upload_id = fields["key"].rsplit("/", 1)[1]
+    assert (await post_file(action, fields, make_jpeg(), "image/jpeg")).status_code == 303
+    # The browser never came back from S3, and the form has expired.
+    await redis.zadd(index.PENDING_KEY, {upload_id: 0})
+
+    counts = await sweep(
+        {"redis": redis, "store": store, "settings": replace(settings, purge_grace_seconds=60)}
+    )
+    await run_worker()
+
+    upload = await index.get_upload(redis, upload_id)
+    assert counts.promoted >= 1
+    assert upload.state == State.READY, upload.reason
+    assert upload.content_type == "image/jpeg"

@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,8 +16,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import arq.worker
+from litestar.testing import AsyncTestClient
 
 from gallery import index, storage
+from gallery.app import create_app
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import HTMX, make_jpeg, post_to_s3, seed_grid
@@ -321,3 +324,30 @@ async def test_1200_ready_images_page_through_grid(client, redis, settings):
 
     assert seen == sorted(created, reverse=True)
     assert pages == -(-1200 // settings.page_size)
+
+
+async def test_gallery_page_answers_while_s3_hangs(make_client, settings, forget_uploads, caplog):
+    # S3 takes connections and never replies, as a paused or overloaded server does: the
+    # kernel queues them on a socket that listens and never accepts.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    client = await make_client()
+    form = (await client.request_form("waiting.jpg", "image/jpeg", 100)).json()
+    forget_uploads.append(form["id"])
+    hung = replace(settings, s3_endpoint_url=f"http://127.0.0.1:{port}")
+
+    try:
+        async with AsyncTestClient(create_app(hung)) as offline:
+            offline.cookies = client.http.cookies
+            started = time.monotonic()
+            page = await offline.get("/images")
+            seconds = time.monotonic() - started
+    finally:
+        listener.close()
+
+    skipped = [r.getMessage() for r in caplog.records if "skipped the check" in r.getMessage()]
+    assert page.status_code == 200
+    assert len(skipped) == 1
+    assert "TimeoutError" in skipped[0]
+    # The page gives up on S3 after ARRIVAL_CHECK_SECONDS; botocore alone waits 60 s per try.
+    assert seconds < 10

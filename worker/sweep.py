@@ -9,7 +9,7 @@ from typing import Any
 
 from arq.constants import job_key_prefix
 
-from gallery import index, jobs, metrics, quotas, storage
+from gallery import arrivals, index, jobs, metrics, quotas, storage
 from gallery.index import State, Upload
 from worker.jobs import MAX_ATTEMPTS, REASON_FAILED
 
@@ -124,12 +124,10 @@ async def _sweep_issued(
     redis, store, settings = ctx["redis"], ctx["store"], ctx["settings"]
     dry_run = ctx.get("dry_run", False)
     owner = f"{upload.id} of user {upload.user_id}"
-    if await store.head(storage.incoming_key(upload.user_id, upload.id)) is not None:
+    info = await store.head(storage.incoming_key(upload.user_id, upload.id))
+    if info is not None:
         # The browser posted the file but its "done" request never reached us.
-        if dry_run or await index.mark_uploaded(redis, upload):
-            if not dry_run:
-                await quotas.hold(redis, upload.user_id, upload.id)
-                await jobs.enqueue_verify(redis, upload.id)
+        if dry_run or await arrivals.accept_arrived(redis, store, upload, info):
             counts.promoted += 1
             counts.actions.append(f"verify unreported upload {owner}")
         return

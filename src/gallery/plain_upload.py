@@ -18,25 +18,13 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Template
 from litestar.status_codes import HTTP_303_SEE_OTHER
 
-from gallery import images, index, jobs, quotas, storage
+from gallery import arrivals, images, index, storage
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
 from gallery.storage import Storage
 
 logger = logging.getLogger(__name__)
-
-EXTENSIONS = {
-    "image/jpeg": ".jpg",
-    "image/png": ".png",
-    "image/webp": ".webp",
-    "image/gif": ".gif",
-    "image/heic": ".heic",
-    "image/heif": ".heif",
-    "image/tiff": ".tiff",
-}
-
-REASON_TYPE_NOT_ALLOWED = "only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded"
 
 
 def _user_id(request: Request[Any, Any, Any]) -> str:
@@ -156,37 +144,13 @@ async def finish_plain_upload(
     """
     upload = await images.owned_upload(redis, _user_id(request), upload_id)
     if upload.state == State.ISSUED:
-        await _accept_posted_file(redis, store, upload)
+        # Not posted yet, or a forged redirect: the status page waits, and the worker's sweep
+        # deletes the upload once its form has expired.
+        info = await store.head(storage.incoming_key(upload.user_id, upload.id))
+        if info is not None:
+            await arrivals.accept_arrived(redis, store, upload, info)
     status_url = request.app.route_reverse("images:view", image_id=upload.id)
     return Redirect(status_url, status_code=HTTP_303_SEE_OTHER)
-
-
-async def _accept_posted_file(redis: ArqRedis, store: Storage, upload: Upload) -> None:
-    """Take the type S3 stored for the file, then queue the worker's check of the file.
-
-    The form pinned no type, so S3 stored the type the browser gave the file part, as
-    SeaweedFS 4.48 does. NOTE: a service that stores another type, such as
-    binary/octet-stream, gets every upload without JavaScript rejected. A type outside the
-    allowlist is rejected here, and the worker then checks that the bytes decode as the
-    type taken.
-    """
-    info = await store.head(storage.incoming_key(upload.user_id, upload.id))
-    # Not posted yet, or a forged redirect: the status page waits, and the worker's sweep
-    # deletes the upload once its form has expired.
-    if info is None:
-        return
-    content_type = info.content_type.split(";")[0].strip().lower()
-    if not await index.mark_uploaded(redis, upload):
-        return
-    await quotas.hold(redis, upload.user_id, upload.id)
-    if content_type not in storage.ALLOWED_UPLOAD_TYPES:
-        await store.delete([storage.incoming_key(upload.user_id, upload.id)])
-        await index.mark_rejected(redis, upload, REASON_TYPE_NOT_ALLOWED)
-        logger.warning("upload %s: posted type %r is not allowed", upload.id, content_type)
-        return
-    filename = upload.filename + EXTENSIONS[content_type]
-    await index.set_type_and_name(redis, upload, content_type=content_type, filename=filename)
-    await jobs.enqueue_verify(redis, upload.id)
 
 
 router = Router(
