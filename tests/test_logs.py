@@ -183,5 +183,7 @@ async def test_outage_logs_one_warning_per_request(
     unavailable = [line for line in lines if "service unavailable" in line["message"]]
     assert (page.status_code, deleted.status_code) == (503, 503)
     assert [line["level"] for line in unavailable] == ["WARNING", "WARNING"]
+    statuses = [line["status"] for line in lines if line["logger"] == "gallery.requests"]
+    assert statuses == [503, 503]
     assert [line["message"] for line in lines if line["level"] == "ERROR"] == []
     assert "Traceback" not in buffer.getvalue()

@@ -12,7 +12,7 @@ from gallery import index, quotas, storage, trash
 from gallery.index import State
 from gallery.storage import Storage
 from tests.support import HTMX, make_jpeg
-from worker.jobs import purge_trash
+from worker.jobs import DELETED, purge_trash, verify_upload
 
 
 async def ready_image(client, run_worker, redis) -> tuple[str, str]:
@@ -310,14 +310,16 @@ async def test_failed_delete_forever_leaves_image_restorable(
     assert len(await keys_present(store, user_id, upload_id)) == 4
 
 
-async def test_verify_of_upload_being_deleted_stores_nothing(client, run_worker, store, redis):
+async def test_verify_of_upload_being_deleted_stores_nothing(client, store, redis, settings):
     upload_id = await client.upload(make_jpeg(), "beach.jpg")
     upload = await index.get_upload(redis, upload_id)
     # The owner deletes the processing tile while its job is about to finish.
     assert await index.claim_delete(redis, upload)
+    ctx = {"redis": redis, "store": store, "settings": settings, "job_try": 1, "pool": None}
 
-    await run_worker()
+    outcome = await verify_upload(ctx, upload_id)
 
+    assert outcome == DELETED
     assert (await index.get_upload(redis, upload_id)).state != State.READY
     assert await index.count_grid(redis, upload.user_id) == 1
     assert await keys_present(store, upload.user_id, upload_id) == []

@@ -51,6 +51,9 @@ REASON_WRONG_OWNER = "not uploaded with this account's form"
 REASON_FAILED = "processing failed; upload it again"
 # The outcome of a run that left the upload for the sweep to queue again.
 DEFERRED = "deferred"
+# The outcome of a run whose upload its owner deleted, or another run finished, while it
+# ran: what this run stored is deleted.
+DELETED = "deleted"
 
 
 class Rejection(NamedTuple):
@@ -114,7 +117,7 @@ async def _verify_upload(ctx: dict[str, Any], upload_id: str) -> str:
         outcome = REASON_FAILED
     else:
         outcome = await _verify_or_retry(ctx, upload)
-    if outcome == DEFERRED:
+    if outcome in (DEFERRED, DELETED):
         return outcome
     if outcome == REASON_FAILED:
         await store.delete(storage.image_keys(upload.user_id, upload.id))
@@ -202,7 +205,7 @@ def _retry(upload_id: str, job_try: int, error: Exception) -> Retry:
 
 
 async def _verify(ctx: dict[str, Any], upload: Upload) -> str | Rejection:
-    """Return "ready", or the reason the upload is rejected after deleting its file."""
+    """Return "ready", DELETED, or the reason the upload is rejected after deleting its file."""
     store, settings = ctx["store"], ctx["settings"]
     incoming = storage.incoming_key(upload.user_id, upload.id)
     original = storage.original_key(upload.user_id, upload.id)
@@ -263,6 +266,7 @@ async def _verify(ctx: dict[str, Any], upload: Upload) -> str | Rejection:
         # The owner deleted the image, or another run rejected it, while this job ran.
         await store.delete(storage.image_keys(upload.user_id, upload.id))
         await quotas.release(ctx["redis"], upload.user_id, upload.id)
+        return DELETED
     return "ready"
 
 

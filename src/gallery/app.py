@@ -10,11 +10,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from botocore.exceptions import (
     ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
     HTTPClientError,
-    ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as S3ConnectionError
 from litestar import Litestar
@@ -32,7 +28,6 @@ from litestar.template.config import TemplateConfig
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -67,20 +62,6 @@ def _redis_options() -> dict[str, Any]:
         "retry": RedisRetry(NoBackoff(), 1),
         "retry_on_error": [RedisConnectionError],
     }
-
-
-# The exact classes of the errors of Redis or S3 out of reach: Litestar matches the
-# exception's own class against `disable_stack_trace`, not its bases.
-UNREACHABLE_ERRORS = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    BusyLoadingError,
-    EndpointConnectionError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-    ConnectionClosedError,
-    HTTPClientError,
-)
 
 
 def provide_store(state: State) -> Storage:
@@ -134,7 +115,7 @@ def create_app(settings: Settings) -> Litestar:
         middleware=[
             # First, so the request log and the per-address limits see the real client.
             trusted_proxies_middleware(settings.trusted_proxy_networks),
-            request_log_middleware,
+            request_log_middleware(errors.status_of_error),
             security_headers_middleware(security_headers(settings)),
             # Health checks run without loading a session, so /readyz reports a Redis
             # outage in its JSON even when the probe sends a session cookie.
@@ -157,7 +138,7 @@ def create_app(settings: Settings) -> Litestar:
             # A client's mistake (401, 404, a CSRF 403) is one request log line, not a
             # traceback: only errors of ours are logged with their stack. So is Redis or S3
             # out of reach, which errors.show_unavailable logs as one warning per request.
-            disable_stack_trace={*range(400, 500), *UNREACHABLE_ERRORS},
+            disable_stack_trace={*range(400, 500), *errors.UNREACHABLE_ERRORS},
             loggers={"litestar": {"level": "INFO", "handlers": [], "propagate": True}},
         ),
         # No OpenAPI pages: the app has no public API, and their viewers load remote scripts.

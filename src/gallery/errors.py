@@ -8,7 +8,15 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as S3ConnectionError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.exceptions.responses import create_exception_response
@@ -19,6 +27,9 @@ from litestar.status_codes import (
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery import accounts
 from gallery.accounts import current_user
@@ -185,6 +196,30 @@ def show_error(request: Request[Any, Any, Any], error: Exception) -> Response[An
     context = {"status_code": status_code, "reason": reason, "text": text}
     context |= _page_context(request)
     return Template("error.html", context=context, status_code=status_code, headers=headers)
+
+
+# The exact classes of the errors of Redis or S3 out of reach: Litestar matches the
+# exception's own class against `disable_stack_trace`, not its bases.
+UNREACHABLE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    HTTPClientError,
+)
+
+
+def status_of_error(error: Exception) -> int:
+    """Return the status of the response the app's exception handlers make for `error`."""
+    if isinstance(error, ClientError):
+        return 503 if _http_status(error) >= 500 else 500
+    unreachable = (RedisConnectionError, RedisTimeoutError, S3ConnectionError, HTTPClientError)
+    if isinstance(error, unreachable):
+        return 503
+    return getattr(error, "status_code", 500)
 
 
 def show_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:

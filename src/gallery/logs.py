@@ -139,15 +139,24 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> logg
     return handler
 
 
-def request_log_middleware(app: ASGIApp) -> ASGIApp:
-    """Log one line per HTTP request with its id, status, duration, user and client address.
+def request_log_middleware(
+    status_of_error: Callable[[Exception], int],
+) -> Callable[[ASGIApp], ASGIApp]:
+    """Return a middleware that logs one line per HTTP request with its id, status,
+    duration, user and client address.
 
     The client address is the one the per-address limits count, which the trusted proxies
     middleware has put in the scope before this one runs. The id comes from a valid
     X-Request-ID header or is made here, and the response carries it back. The line has
-    the path without its query string.
+    the path without its query string. `status_of_error` gives the status of the response
+    that Litestar makes, outside this middleware, for an exception raised inside it.
     """
+    return functools.partial(_request_log_middleware, status_of_error=status_of_error)
 
+
+def _request_log_middleware(
+    app: ASGIApp, *, status_of_error: Callable[[Exception], int]
+) -> ASGIApp:
     async def log_request(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
@@ -168,9 +177,10 @@ def request_log_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send_with_id)
         except Exception as error:
-            # An exception raised by a middleware, such as a CSRF refusal, is turned into its
-            # response by Litestar outside this one: log the status it will get.
-            status = getattr(error, "status_code", 500)
+            # An exception raised by a middleware, such as a CSRF refusal or Redis out of
+            # reach while loading the session, is turned into its response by Litestar
+            # outside this one: log the status it will get.
+            status = status_of_error(error)
             raise
         finally:
             _log_request(scope, request_id, status, (time.monotonic() - started) * 1000)
