@@ -244,3 +244,17 @@ async def test_sweep_takes_posted_type_of_unfollowed_redirect(
     assert counts.promoted >= 1
     assert upload.state == State.READY, upload.reason
     assert upload.content_type == "image/jpeg"
+
+
+async def test_dismiss_without_javascript_returns_to_gallery(client, run_worker, redis):
+    upload_id = await client.upload(b"not a jpeg at all" * 10, "notes.jpg")
+    await run_worker()
+    assert (await index.get_upload(redis, upload_id)).state == State.REJECTED
+
+    dismissed = await client.http.post(
+        f"/images/{upload_id}", headers=client.csrf, follow_redirects=False
+    )
+
+    assert dismissed.status_code == 303
+    assert dismissed.headers["location"] == "/images"
+    assert await index.get_upload(redis, upload_id) is None

@@ -500,7 +500,9 @@ async def delete_image(
             return Response(message, status_code=HTTP_409_CONFLICT, media_type="text/plain")
         raise ClientException(message, status_code=HTTP_409_CONFLICT)
     if not request.htmx:
-        return Redirect(request.app.route_reverse("trash:list"), status_code=HTTP_303_SEE_OTHER)
+        # Back to the page that showed the image: Dismiss and Cancel are in the grid.
+        back = "trash:list" if upload.state == State.TRASHED else "images:gallery"
+        return Redirect(request.app.route_reverse(back), status_code=HTTP_303_SEE_OTHER)
     # A trashed image is deleted from the trash page, which counts down. The gallery page
     # fetches its counts and quota line again.
     if upload.state == State.TRASHED:
