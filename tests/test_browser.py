@@ -1040,6 +1040,30 @@ async def test_trash_undo_restore_and_delete_forever(
     assert all("500" in error for error in console_errors), console_errors
 
 
+async def test_keyboard_focus_follows_delete_and_undo(
+    page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
+) -> None:
+    await sign_up(page, base_url)
+    photo = {"name": "keys.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
+    await page.locator("#file-input").set_input_files([photo])
+    await expect(page.locator(".upload-row .upload-state")).to_have_text("ready")
+    tile = page.locator(".tile", has=page.get_by_alt_text("keys.jpg"))
+
+    # htmx takes over a swapped-in form once the swap has settled; before that, Enter
+    # sends the form without JavaScript.
+    settling = page.locator(".htmx-added, .htmx-settling, .htmx-swapping")
+    await expect(settling).to_have_count(0)
+    await tile.get_by_role("button", name="Delete keys.jpg").focus()
+    await page.keyboard.press("Enter")
+    undo = page.get_by_role("button", name="Undo: restore keys.jpg")
+    await expect(undo).to_be_focused()
+    await expect(settling).to_have_count(0)
+    await page.keyboard.press("Enter")
+
+    await expect(page.locator(".tile a.frame")).to_be_focused()
+    assert console_errors == []
+
+
 async def test_undo_replaces_notice_with_passing_note(
     page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
 ) -> None:
