@@ -310,16 +310,38 @@ async def test_failed_delete_forever_leaves_image_restorable(
     assert len(await keys_present(store, user_id, upload_id)) == 4
 
 
-async def test_verify_of_upload_being_deleted_stores_nothing(client, store, redis, settings):
+async def test_verify_of_upload_being_deleted_stores_nothing(
+    client, store, redis, settings, forget_uploads, monkeypatch
+):
     upload_id = await client.upload(make_jpeg(), "beach.jpg")
+    # Its queued job, run by a later test's worker, then finds no record and ends at once.
+    forget_uploads.append(upload_id)
     upload = await index.get_upload(redis, upload_id)
-    # The owner deletes the processing tile while its job is about to finish.
-    assert await index.claim_delete(redis, upload)
     ctx = {"redis": redis, "store": store, "settings": settings, "job_try": 1, "pool": None}
+    mark_ready = index.mark_ready
 
+    async def claim_then_mark_ready(redis, upload, **values):
+        # The owner deletes the processing tile while its job is about to finish.
+        assert await index.claim_delete(redis, upload)
+        return await mark_ready(redis, upload, **values)
+
+    monkeypatch.setattr(index, "mark_ready", claim_then_mark_ready)
     outcome = await verify_upload(ctx, upload_id)
 
     assert outcome == DELETED
     assert (await index.get_upload(redis, upload_id)).state != State.READY
     assert await index.count_grid(redis, upload.user_id) == 1
     assert await keys_present(store, upload.user_id, upload_id) == []
+
+
+async def test_verify_of_claimed_upload_is_skipped(client, store, redis, settings, forget_uploads):
+    upload_id = await client.upload(make_jpeg(), "beach.jpg")
+    forget_uploads.append(upload_id)
+    upload = await index.get_upload(redis, upload_id)
+    assert await index.claim_delete(redis, upload)
+    ctx = {"redis": redis, "store": store, "settings": settings, "job_try": 1, "pool": None}
+
+    outcome = await verify_upload(ctx, upload_id)
+
+    assert outcome == "skipped"
+    assert await store.head(storage.incoming_key(upload.user_id, upload_id)) is not None

@@ -125,10 +125,12 @@ redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 return 1
 """
 
-# Returns the new attempt count, or 0 when the upload is not waiting for a worker.
+# Returns the new attempt count, or 0 when the upload is not waiting for a worker or is
+# being deleted.
 _MARK_VERIFYING = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'uploaded' and state ~= 'verifying' then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'deleting') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'verifying', 'updated_at', ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
