@@ -35,8 +35,8 @@
   function showMessage(text, className, outage) {
     clearTimeout(noteTimer);
     const messages = document.getElementById("messages");
-    const shown = text ? [messageElement(text, className || "error", outage)] : [];
-    messages.replaceChildren(...shown);
+    const paragraphs = text ? [messageElement(text, className || "error", outage)] : [];
+    messages.replaceChildren(...paragraphs);
   }
 
   // Removes an error that came from a 5xx response or a network failure. upload.js calls

@@ -29,6 +29,7 @@ from playwright.async_api import (
     Browser,
     ConsoleMessage,
     Error,
+    Locator,
     Page,
     Request,
     Response,
@@ -1044,10 +1045,7 @@ async def test_keyboard_focus_follows_delete_and_undo(
     page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
 ) -> None:
     await sign_up(page, base_url)
-    photo = {"name": "keys.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
-    await page.locator("#file-input").set_input_files([photo])
-    await expect(page.locator(".upload-row .upload-state")).to_have_text("ready")
-    tile = page.locator(".tile", has=page.get_by_alt_text("keys.jpg"))
+    tile = await upload_ready_photo(page, "keys.jpg")
 
     # htmx takes over a swapped-in form once the swap has settled; before that, Enter
     # sends the form without JavaScript.
@@ -1068,10 +1066,7 @@ async def test_undo_replaces_notice_with_passing_note(
     page: Page, base_url: str, worker: subprocess.Popen[bytes], console_errors: list[str]
 ) -> None:
     await sign_up(page, base_url)
-    photo = {"name": "undone.jpg", "mimeType": "image/jpeg", "buffer": make_jpeg()}
-    await page.locator("#file-input").set_input_files([photo])
-    await expect(page.locator(".upload-row .upload-state")).to_have_text("ready")
-    tile = page.locator(".tile", has=page.get_by_alt_text("undone.jpg"))
+    tile = await upload_ready_photo(page, "undone.jpg")
 
     await tile.get_by_role("button", name="Delete undone.jpg").click()
     await expect(page.locator("#messages")).to_contain_text("Moved undone.jpg to the trash.")
@@ -1095,9 +1090,7 @@ async def test_stale_trash_tab_cannot_delete_restored_photo(
 ) -> None:
     await sign_up(page, base_url)
     for name in ("kept.jpg", "gone.jpg"):
-        photo = {"name": name, "mimeType": "image/jpeg", "buffer": make_jpeg()}
-        await page.locator("#file-input").set_input_files([photo])
-        await expect(page.locator(".upload-row .upload-state").last).to_have_text("ready")
+        await upload_ready_photo(page, name)
     for name in ("kept.jpg", "gone.jpg"):
         tile = page.locator(".tile", has=page.get_by_alt_text(name))
         await tile.get_by_role("button", name=f"Delete {name}").click()
@@ -1341,6 +1334,14 @@ async def thumbnail_size(page: Page, filename: str) -> dict[str, int]:
     return await page.get_by_alt_text(filename).evaluate(
         "(image) => ({width: image.naturalWidth, height: image.naturalHeight})"
     )
+
+
+async def upload_ready_photo(page: Page, name: str) -> Locator:
+    """Upload a JPEG named `name`, wait for its row to show "ready", and return its tile."""
+    photo = {"name": name, "mimeType": "image/jpeg", "buffer": make_jpeg()}
+    await page.locator("#file-input").set_input_files([photo])
+    await expect(page.locator(".upload-row .upload-state").last).to_have_text("ready")
+    return page.locator(".tile", has=page.get_by_alt_text(name))
 
 
 async def save_screenshot(

@@ -10,9 +10,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from botocore.exceptions import (
     ClientError,
-    HTTPClientError,
 )
-from botocore.exceptions import ConnectionError as S3ConnectionError
 from litestar import Litestar
 from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import State
@@ -29,7 +27,6 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gallery import accounts, errors, health, images, metrics, plain_upload, share_pages, trash
 from gallery.logs import request_log_middleware
@@ -152,10 +149,7 @@ def create_app(settings: Settings) -> Litestar:
             HTTPException: errors.show_error,
             HTTP_500_INTERNAL_SERVER_ERROR: errors.show_error,
             # Redis or S3 unreachable or failing: 503 with Retry-After, never a traceback.
-            RedisConnectionError: errors.show_unavailable,
-            RedisTimeoutError: errors.show_unavailable,
-            S3ConnectionError: errors.show_unavailable,
-            HTTPClientError: errors.show_unavailable,
+            **dict.fromkeys(errors.UNAVAILABLE_BASES, errors.show_unavailable),
             ClientError: errors.show_unavailable,
         },
     )

@@ -1,7 +1,7 @@
 """Files that reached S3: move their uploads on to the worker's check.
 
 Four paths find such a file: the page's "done" request, S3's redirect after a form
-without JavaScript, the gallery page, and the worker's sweep. All but the first go through
+without JavaScript, the gallery page, and the worker's sweep. All go through
 `accept_arrived`, which also takes the file's type when its form pinned none.
 """
 
@@ -32,9 +32,14 @@ EXTENSIONS = {
 REASON_TYPE_NOT_ALLOWED = "only JPEG, PNG, WebP, GIF, HEIC and TIFF images can be uploaded"
 
 
-async def accept_arrived(redis: Redis, store: Storage, upload: Upload, info: ObjectInfo) -> bool:
+async def accept_arrived(
+    redis: Redis, store: Storage, upload: Upload, info: ObjectInfo | None
+) -> bool:
     """Queue the check of an issued upload whose file `info` describes; False when another
     request or the sweep moved the upload on first.
+
+    The page's "done" request passes no `info`: its form pinned the type, and the worker
+    reads the file anyway.
 
     The form without JavaScript is signed before the file is chosen, so it pins no type
     and its upload has none. S3 stored the type the browser gave the file part, as
@@ -46,7 +51,7 @@ async def accept_arrived(redis: Redis, store: Storage, upload: Upload, info: Obj
     if not await index.mark_uploaded(redis, upload):
         return False
     await quotas.hold(redis, upload.user_id, upload.id)
-    if not upload.content_type:
+    if not upload.content_type and info is not None:
         content_type = info.content_type.split(";")[0].strip().lower()
         if content_type not in storage.ALLOWED_UPLOAD_TYPES:
             await store.delete([storage.incoming_key(upload.user_id, upload.id)])

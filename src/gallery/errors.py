@@ -212,12 +212,16 @@ UNREACHABLE_ERRORS = (
 )
 
 
+# The base classes that the app hands to show_unavailable, with ClientError, whose status
+# decides between 503 and 500.
+UNAVAILABLE_BASES = (RedisConnectionError, RedisTimeoutError, S3ConnectionError, HTTPClientError)
+
+
 def status_of_error(error: Exception) -> int:
     """Return the status of the response the app's exception handlers make for `error`."""
     if isinstance(error, ClientError):
         return 503 if _http_status(error) >= 500 else 500
-    unreachable = (RedisConnectionError, RedisTimeoutError, S3ConnectionError, HTTPClientError)
-    if isinstance(error, unreachable):
+    if isinstance(error, UNAVAILABLE_BASES):
         return 503
     return getattr(error, "status_code", 500)
 

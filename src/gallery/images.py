@@ -26,7 +26,7 @@ from litestar.status_codes import (
     HTTP_429_TOO_MANY_REQUESTS,
 )
 
-from gallery import arrivals, index, jobs, limits, metrics, quotas, shares, storage, trash
+from gallery import arrivals, index, limits, metrics, quotas, shares, storage, trash
 from gallery.accounts import current_user, require_user
 from gallery.index import State, Upload
 from gallery.settings import Settings
@@ -359,9 +359,7 @@ async def complete_upload(
     upload = await index.get_owned_upload(redis, user_id, upload_id)
     if upload is None:
         raise NotFoundException("No such upload.")
-    if await index.mark_uploaded(redis, upload):
-        await quotas.hold(redis, user_id, upload.id)
-        await jobs.enqueue_verify(redis, upload.id)
+    if await arrivals.accept_arrived(redis, store, upload, None):
         await metrics.count(redis, "gallery_uploads_completed_total", source="browser")
     if not request.htmx:
         return Redirect(request.app.route_reverse("images:gallery"), status_code=HTTP_303_SEE_OTHER)

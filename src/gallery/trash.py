@@ -43,7 +43,8 @@ async def delete_forever(redis: Redis, store: Storage, upload: Upload) -> bool:
     was restored in another tab after the caller read it. The record is claimed first, so a restore cannot
     come between the check and the delete. The objects go before the record, so a failure
     leaves a record that the next attempt finds again instead of objects that nothing
-    points to; the claim is then taken back, and the image can still be restored.
+    points to. After such a failure the claim is taken back, so the image can still be
+    restored.
     """
     if not await index.claim_delete(redis, upload):
         return False
